@@ -1,0 +1,80 @@
+"""The one configuration object, passed everywhere: built from Engine keywords or a YAML file
+whose keys are the keyword names."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEVICES = ("auto", "cuda", "cpu")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    tensor_parallel_size: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None         # default: the model's max_position_embeddings
+    block_size: int = 16
+    num_kv_blocks: int | None = None         # default: from the memory settings below
+    kv_cache_memory_gb: float = 0.25         # per CPU worker
+    gpu_memory_utilization: float = 0.85     # share of a GPU's free memory the cache may take
+    seed: int = 0
+    start_method: str = "forkserver"         # or "spawn"
+    startup_timeout: float = 120.0
+    terminate_timeout: float = 5.0
+    host: str | None = None                  # bind the control socket on TCP here, else IPC
+
+    def __post_init__(self) -> None:
+        self.model = str(self.model)
+        if self.device == "auto":
+            self.device = "cuda" if _cuda_available() else "cpu"
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.start_method not in ("forkserver", "spawn"):
+            raise ValueError(f"start_method must be 'forkserver' or 'spawn', "
+                             f"got {self.start_method!r}")
+        for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens",
+                     "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not Path(self.model).is_dir():
+            raise FileNotFoundError(f"model directory {self.model} does not exist")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> EngineConfig:
+        import yaml
+
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of Engine keywords")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**raw)
+
+    def worker_dtype(self, checkpoint_dtype: str) -> str:
+        """"auto" keeps the checkpoint's dtype on a GPU and computes in float32 on a CPU."""
+        if self.dtype != "auto":
+            return self.dtype
+        if self.device == "cpu":
+            return "float32"
+        return checkpoint_dtype if checkpoint_dtype in DTYPES else "bfloat16"
+
+
+def _cuda_available() -> bool:
+    import torch  # asking creates no CUDA context in the controller
+
+    return torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+

@@ -1,0 +1,170 @@
+"""The engine's core: starts the workers and the two threads, admits requests, and owns the
+lifecycle. The public Engine and AsyncEngine are thin fronts on it.
+
+terminate(): stop admitting; the request loop fails what is in flight and broadcasts SHUTDOWN;
+join the request loop, then the stream-back thread; reap the workers (they destroy their
+process group before they exit); close the sockets; remove the IPC directory. Everything is
+released in the reverse order of acquisition, so a half-built engine releases what exists."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+import threading
+import time
+
+from tp_engine import wire
+from tp_engine.config import EngineConfig
+from tp_engine.engine.block_manager import BlockManager
+from tp_engine.engine.lifecycle import Deadline, Resources
+from tp_engine.engine.request import Registry, RequestState, SyncSink
+from tp_engine.engine.request_loop import RequestLoop
+from tp_engine.engine.sampling_params import SamplingParams
+from tp_engine.engine.scheduler import Scheduler, Sequence
+from tp_engine.engine.stream_back import StreamBack
+from tp_engine.engine.tokenizer import Tokenizer
+from tp_engine.engine.worker_group import WorkerGroup
+from tp_engine.errors import EngineError, EngineTerminatedError, InvalidRequestError
+from tp_engine.model.config import ModelConfig
+
+log = logging.getLogger("tp_engine.engine")
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.state = "starting"
+        self._lock = threading.Lock()
+        self._resources = Resources()
+        self._failure: EngineError | None = None
+        self._seq_ids = itertools.count()
+        self.registry = Registry()
+        start = time.perf_counter()
+        try:
+            self._start()
+        except BaseException:
+            self.state = "failed"
+            self._resources.release_all(Deadline(config.terminate_timeout))
+            raise
+        self.state = "running"
+        self.startup_seconds = time.perf_counter() - start
+        log.debug("engine ready in %.3f s", self.startup_seconds)
+
+    def _start(self) -> None:
+        cfg = self.config
+        model = ModelConfig.from_dir(cfg.model)
+        model.check_tensor_parallel(cfg.tensor_parallel_size)
+        limit = model.max_position_embeddings
+        if cfg.max_model_len is not None and cfg.max_model_len > limit:
+            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={limit}")
+        cfg.max_model_len = cfg.max_model_len or limit
+        self.model_config = model
+        self.tokenizer = Tokenizer.from_dir(cfg.model)
+        self.eos_token_ids = list(dict.fromkeys([*self.tokenizer.eos_token_ids,
+                                                 *model.eos_token_ids]))
+
+        ipc_dir = wire.private_ipc_dir()
+        self._resources.acquired("IPC directory",
+                                 lambda _: shutil.rmtree(ipc_dir, ignore_errors=True))
+        self.group = group = WorkerGroup(cfg, ipc_dir)
+        self._resources.acquired("sockets", group.close)
+        group.start()
+        self._resources.acquired("workers", self._release_workers)
+        group.wait_ready(cfg.startup_timeout)
+
+        self.blocks = BlockManager(group.ready[0].num_kv_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.stream_back = StreamBack(self.registry, self.abort_seq)
+        self.stream_back.start()
+        self._resources.acquired("stream-back thread",
+                                 lambda d: self.stream_back.join(d.left()))
+        self.loop = RequestLoop(group, self.scheduler, self.stream_back, self.eos_token_ids,
+                                cfg.max_model_len, self._on_failure)
+        self.loop.start()
+        self._resources.acquired("request loop", self._release_loop)
+
+    def _release_loop(self, deadline: Deadline) -> None:
+        self.loop.stop()
+        if not self.loop.join(deadline.left()):
+            log.warning("request loop did not stop in time")
+
+    def _release_workers(self, deadline: Deadline) -> None:
+        loop = getattr(self, "loop", None)
+        if loop is None or not loop.thread.is_alive():  # the loop owns the socket while alive
+            self.group.send_shutdown()
+        all_ready = len(self.group.ready) == self.group.size
+        self.group.reap(deadline, grace=all_ready)
+
+    def _on_failure(self, error: EngineError) -> None:
+        with self._lock:
+            self._failure = error
+            if self.state == "running":
+                self.state = "failed"
+        log.error("engine failed: %s", error)
+
+    # --- requests --------------------------------------------------------------------------
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        for token in prompt_ids:
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise InvalidRequestError(f"prompt token id {token!r} is not in the vocabulary "
+                                          f"(0..{vocab - 1})")
+        limit = self.config.max_model_len
+        if len(prompt_ids) >= limit:
+            raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens; max_model_len "
+                                      f"is {limit}, which leaves no room for output")
+        if self.blocks.blocks_for(len(prompt_ids) + 1) > self.blocks.num_blocks:
+            raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens, more than the "
+                                      f"KV cache holds ({self.blocks.num_blocks} blocks)")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink=None,
+               prompt: str | None = None, request_id: str | None = None) -> RequestState:
+        """Queue one request. Raises at once (nothing queued) when it cannot be served."""
+        params.validate()
+        self.check_prompt(prompt_ids)
+        seq_id = next(self._seq_ids)
+        max_tokens = params.max_tokens or self.config.max_model_len - len(prompt_ids)
+        state = RequestState(seq_id, request_id or str(seq_id), prompt, list(prompt_ids),
+                             params, self.tokenizer, sink or SyncSink())
+        seq = Sequence(seq_id, list(prompt_ids), len(prompt_ids), params, max_tokens)
+        with self._lock:  # terminate() flips the state under this lock: nothing slips past
+            self._check_serving()
+            self.registry.add(state)
+            self.loop.add(seq)
+        return state
+
+    def _check_serving(self) -> None:
+        if self.state == "failed" and self._failure is not None:
+            raise self._failure
+        if self.state != "running":
+            raise EngineTerminatedError(f"the engine is {self.state}")
+
+    def abort(self, state: RequestState) -> None:
+        """Stop a request: its consumer gets finish_reason "abort", its blocks are freed."""
+        if self.registry.remove(state.seq_id) is not None:
+            state.finish("abort")
+        self.abort_seq(state.seq_id)
+
+    def abort_seq(self, seq_id: int) -> None:
+        if self.state == "running":
+            self.loop.abort(seq_id)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def terminate(self, timeout: float | None = None) -> None:
+        with self._lock:
+            if self.state in ("terminating", "terminated"):
+                return
+            self.state = "terminating"
+        deadline = Deadline(self.config.terminate_timeout if timeout is None else timeout)
+        start = time.perf_counter()
+        self._resources.release_all(deadline)
+        # if a thread missed its deadline, its consumers are still woken here
+        self.registry.fail_all(EngineTerminatedError("engine terminated"))
+        self.state = "terminated"
+        log.debug("terminated in %.1f ms", (time.perf_counter() - start) * 1e3)

@@ -1,0 +1,189 @@
+"""The request-loop thread: admit, schedule, broadcast a step, collect rank 0's tokens, repeat.
+
+It sleeps in a single poll on the control socket, a waker that callers ring, and the worker
+processes' sentinels, so a new request starts at once, an idle engine burns no CPU, and a dead
+worker is seen the moment it dies. It alone uses the control socket while it runs; its last act
+is to broadcast SHUTDOWN."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from array import array
+from collections import deque
+from collections.abc import Callable
+
+import zmq
+
+from tp_engine import wire
+from tp_engine.engine.scheduler import Scheduler, Sequence
+from tp_engine.engine.stream_back import Failure, StepOutputs, StreamBack
+from tp_engine.engine.waker import Waker
+from tp_engine.engine.worker_group import WorkerGroup
+from tp_engine.errors import EngineError, EngineTerminatedError, WorkerDiedError
+
+log = logging.getLogger("tp_engine.request_loop")
+
+
+class _Stopping(Exception):
+    pass
+
+
+class RequestLoop:
+    def __init__(self, group: WorkerGroup, scheduler: Scheduler, stream_back: StreamBack,
+                 eos_token_ids: list[int], max_model_len: int,
+                 on_failure: Callable[[EngineError], None]):
+        self.group = group
+        self.scheduler = scheduler
+        self.stream_back = stream_back
+        self.eos = set(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.on_failure = on_failure
+        self.seqs: dict[int, Sequence] = {}
+        self._inbox: deque = deque()
+        self._stopping = False
+        self._waker = Waker()
+        self._step_ids = itertools.count()
+        self._poller = zmq.Poller()
+        self._poller.register(group.router, zmq.POLLIN)
+        self._poller.register(self._waker.fileno(), zmq.POLLIN)
+        for sentinel in group.sentinels:
+            self._poller.register(sentinel, zmq.POLLIN)
+        self.thread = threading.Thread(target=self._run, name="tp-engine-request-loop",
+                                       daemon=True)
+
+    # --- called from other threads ---------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def add(self, seq: Sequence) -> None:
+        self._inbox.append(("add", seq))
+        self._waker.wake()
+
+    def abort(self, seq_id: int) -> None:
+        self._inbox.append(("abort", seq_id))
+        self._waker.wake()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._waker.wake()
+
+    def join(self, timeout: float) -> bool:
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+        if self.thread.is_alive():
+            return False
+        self._waker.close()  # only now: a closed descriptor's number can be reused
+        return True
+
+    # --- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._serve()
+        except _Stopping:
+            pass
+        except EngineError as e:
+            self.on_failure(e)
+            self.stream_back.queue.put(Failure(e))
+        except Exception as e:  # a bug here must still fail requests, not strand them
+            log.exception("request loop crashed")
+            error = EngineError(f"request loop crashed: {type(e).__name__}: {e}")
+            self.on_failure(error)
+            self.stream_back.queue.put(Failure(error))
+        finally:
+            self.stream_back.queue.put(Failure(EngineTerminatedError("engine terminated")))
+            self.stream_back.stop()
+            self.group.send_shutdown()
+
+    def _serve(self) -> None:
+        while True:
+            self._take_inbox()
+            batch, too_long = self.scheduler.schedule()
+            outputs: StepOutputs = [(s.seq_id, [], "length") for s in too_long]
+            for seq in too_long:
+                self._forget(seq)
+            if batch:
+                step = self._build_step(batch)
+                self.group.broadcast(step)
+                outputs += self._apply(batch, self._await(step.step_id))
+            if outputs:
+                self.stream_back.queue.put(outputs)
+            if not batch:
+                self._await(None)  # idle: sleep until a request, an abort or a death
+
+    def _take_inbox(self) -> None:
+        if self._stopping:
+            raise _Stopping
+        while self._inbox:
+            kind, item = self._inbox.popleft()
+            if kind == "add":
+                self.seqs[item.seq_id] = item
+                self.scheduler.add(item)
+            elif item in self.seqs:
+                self._forget(self.seqs[item])
+
+    def _forget(self, seq: Sequence) -> None:
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.seq_id, None)
+
+    def _build_step(self, batch: list[tuple[Sequence, int]]) -> wire.Step:
+        starts, lens, tables, samples = [], [], [], []
+        tokens = array("i")
+        for index, (seq, n) in enumerate(batch):
+            start = seq.num_computed
+            starts.append(start)
+            lens.append(n)
+            tokens.extend(seq.token_ids[start:start + n])
+            tables.append(seq.block_table)
+            if start + n == len(seq.token_ids):
+                p = seq.params
+                samples.append([index, float(p.temperature), float(p.top_p), p.top_k,
+                                -1 if p.seed is None else p.seed, seq.num_output])
+        return wire.Step(next(self._step_ids), starts, lens, tokens.tobytes(), tables, samples)
+
+    def _await(self, step_id: int | None) -> list[int]:
+        """Sleep until step `step_id` is done (or, with None, until anything happens)."""
+        while True:
+            events = dict(self._poller.poll())
+            if len(events) > (self.group.router in events) + (self._waker.fileno() in events):
+                rank, code = self.group.dead()[0] if self.group.dead() else (-1, None)
+                raise WorkerDiedError(rank, code)
+            if self._waker.fileno() in events:
+                self._waker.drain()
+                if self._stopping:
+                    raise _Stopping
+            while self.group.router.poll(0):
+                msg = self.group.recv()
+                if isinstance(msg, wire.StepDone) and msg.step_id == step_id:
+                    return msg.token_ids
+                if isinstance(msg, wire.StepFailed):
+                    raise EngineError(f"worker rank {msg.rank} failed step {msg.step_id}: "
+                                      f"{msg.error}")
+            if step_id is None:
+                return []
+
+    def _apply(self, batch: list[tuple[Sequence, int]], tokens: list[int]) -> StepOutputs:
+        outputs: StepOutputs = []
+        sampled = iter(tokens)
+        for seq, n in batch:
+            seq.num_computed += n
+            if seq.num_computed < len(seq.token_ids):
+                continue  # a prefill cut by the token budget: nothing sampled yet
+            token = next(sampled)
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self._forget(seq)
+            outputs.append((seq.seq_id, [token], reason))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos):
+            return "stop"
+        if seq.num_output >= seq.max_tokens or len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None

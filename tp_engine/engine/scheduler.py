@@ -1,0 +1,104 @@
+"""Continuous batching over the paged KV cache.
+
+Every sequence is a list of token ids (prompt, then output) of which the first `num_computed`
+are in the cache. A step gives each scheduled sequence a chunk of its uncomputed tokens: one for
+a decode, many for a prefill, so prefills and decodes share a step, and a long prompt is cut to
+the step's token budget. When the cache is full, the newest running sequence is preempted: its
+blocks are freed and it is recomputed later (its seeded samples repeat exactly)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from tp_engine.engine.block_manager import BlockManager
+from tp_engine.engine.sampling_params import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    token_ids: list[int]
+    prompt_len: int
+    params: SamplingParams
+    max_tokens: int
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.token_budget = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
+        """The next step's (sequence, new tokens) pairs, and the sequences that can never fit
+        in the cache (the caller finishes them with "length")."""
+        budget, batch, too_long = self.token_budget, [], []
+        preemptions = self.num_preemptions
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            n = min(seq.uncomputed, budget)
+            if not self._make_room(seq, n):
+                if not self.running:  # alone with the whole cache, and still too big
+                    self.waiting.remove(seq)
+                    too_long.append(seq)
+                break
+            batch.append((seq, n))
+            budget -= n
+            index += 1
+        # no admissions in a step that had to preempt: the cache is the bottleneck
+        while (self.waiting and budget > 0 and preemptions == self.num_preemptions
+               and len(self.running) < self.max_num_seqs):
+            seq = self.waiting[0]
+            n = min(seq.uncomputed, budget)
+            if not self.blocks.grow(seq.block_table, seq.num_computed + n):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+        return batch, too_long
+
+    def _make_room(self, seq: Sequence, n: int) -> bool:
+        """Grow `seq` by `n` tokens, preempting the newest sequences as needed; False if `seq`
+        itself had to go."""
+        while not self.blocks.grow(seq.block_table, seq.num_computed + n):
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a sequence wherever it is (finished or aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.block_table)

@@ -1,0 +1,144 @@
+"""The worker processes of one engine: spawned, made ready, watched and reaped.
+
+Workers start from a forkserver that has already imported torch (milliseconds instead of a
+second each), or by spawn. Each gets the read end of a pipe whose only writer is this process,
+so it notices our death even when the kernel's parent-death signal cannot reach it."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import time
+from multiprocessing.connection import wait as wait_any
+
+import zmq
+
+from tp_engine import wire
+from tp_engine.config import EngineConfig
+from tp_engine.engine.lifecycle import Deadline
+from tp_engine.errors import EngineError, WorkerDiedError
+from tp_engine.worker.main import WorkerArgs, worker_main
+
+log = logging.getLogger("tp_engine.workers")
+
+
+def _context(method: str) -> mp.context.BaseContext:
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["tp_engine.worker.main"])
+    return ctx
+
+
+class WorkerGroup:
+    def __init__(self, config: EngineConfig, ipc_dir: str):
+        self.config = config
+        self.size = config.tensor_parallel_size
+        self.ipc_dir = ipc_dir
+        self.ctx = zmq.Context()
+        self.router, self.endpoint = wire.bind_router(
+            self.ctx, wire.control_endpoint(ipc_dir, config.host))
+        self.procs: list[mp.process.BaseProcess] = []
+        self._alive_writers = []
+        self.ready: dict[int, wire.Ready] = {}
+        self.shutdown_sent = False
+
+    def start(self) -> None:
+        ctx = _context(self.config.start_method)
+        init_method = f"file://{os.path.join(self.ipc_dir, 'store')}"
+        for rank in range(self.size):
+            reader, writer = ctx.Pipe(duplex=False)
+            args = WorkerArgs(self.config, rank, self.size, self.endpoint, init_method,
+                              os.getpid())
+            proc = ctx.Process(target=worker_main, args=(args, reader),
+                               name=f"tp-engine-worker-{rank}", daemon=True)
+            self.procs.append(proc)
+            self._alive_writers.append(writer)
+            proc.start()
+            reader.close()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Return when every rank is READY; raise, naming the rank, when one fails or dies."""
+        deadline = Deadline(timeout)
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        for proc in self.procs:
+            poller.register(proc.sentinel, zmq.POLLIN)
+        while len(self.ready) < self.size:
+            if deadline.left() == 0:
+                missing = sorted(set(range(self.size)) - set(self.ready))
+                raise EngineError(f"worker ranks {missing} not ready after {timeout:.0f} s "
+                                  f"(startup_timeout)")
+            events = dict(poller.poll(deadline.left() * 1000))
+            while self.router.poll(0):  # messages first: a LoadFailed says more than a death
+                self._on_startup_message(self.recv())
+            if len(events) > (self.router in events):
+                time.sleep(0.05)  # a dying worker's last message may still be in flight
+                while self.router.poll(0):
+                    self._on_startup_message(self.recv())
+                rank, code = self.dead()[0]
+                raise WorkerDiedError(rank, code, f"while loading {self.config.model}")
+
+    def _on_startup_message(self, msg: wire.Message | None) -> None:
+        if isinstance(msg, wire.Ready):
+            self.ready[msg.rank] = msg
+        elif isinstance(msg, wire.LoadFailed):
+            raise EngineError(f"worker rank {msg.rank} failed to load {self.config.model}: "
+                              f"{msg.error}")
+
+    def recv(self) -> wire.Message | None:
+        """One message from any worker; None for a malformed frame (logged and dropped)."""
+        frames = self.router.recv_multipart()
+        try:
+            return wire.decode(frames[-1])
+        except wire.WireError as e:
+            log.warning("dropped a malformed frame from %r: %s", frames[0], e)
+            return None
+
+    def broadcast(self, msg: wire.Message) -> None:
+        frame = wire.encode(msg)
+        for rank in range(self.size):
+            try:
+                self.router.send_multipart([wire.identity(rank), frame], copy=False)
+            except zmq.ZMQError:  # that worker is gone; its sentinel reports it
+                pass
+
+    def send_shutdown(self) -> None:
+        if not self.shutdown_sent and self.ready:
+            self.shutdown_sent = True
+            self.broadcast(wire.Shutdown())
+
+    @property
+    def sentinels(self) -> list[int]:
+        return [proc.sentinel for proc in self.procs]
+
+    def dead(self) -> list[tuple[int, int | None]]:
+        return [(rank, proc.exitcode) for rank, proc in enumerate(self.procs)
+                if not proc.is_alive()]
+
+    def reap(self, deadline: Deadline, grace: bool = True) -> None:
+        """Wait for the workers to leave; past the deadline SIGTERM, then SIGKILL. Only our
+        own children are ever signalled."""
+        started = [p for p in self.procs if p.pid is not None]
+        while grace and deadline.left() > 0 and any(p.is_alive() for p in started):
+            wait_any([p.sentinel for p in started if p.is_alive()], timeout=deadline.left())
+        for signal_name in ("terminate", "kill"):
+            alive = [p for p in started if p.is_alive()]
+            if not alive:
+                break
+            log.warning("%s worker pids %s", signal_name, [p.pid for p in alive])
+            for p in alive:
+                getattr(p, signal_name)()
+            wait_any([p.sentinel for p in alive], timeout=1.0)
+        for p in started:
+            p.join(timeout=1.0)
+        for writer in self._alive_writers:
+            writer.close()
+        self._alive_writers.clear()
+
+    def close(self, deadline: Deadline | None = None) -> None:
+        self.router.close(linger=0)
+        self.ctx.term()
+        for p in self.procs:
+            if p.exitcode is not None:
+                p.close()

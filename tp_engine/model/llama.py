@@ -1,0 +1,112 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2), tensor-parallel. Read top to bottom: the
+attention and MLP blocks, a decoder layer, the stack, and the causal LM with its LM head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tp_engine.model.attention import AttentionMetadata, paged_attention
+from tp_engine.model.config import ModelConfig
+from tp_engine.model.layers import RMSNorm, RotaryEmbedding
+from tp_engine.model.parallel import (
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RowParallelLinear,
+    TensorParallel,
+    VocabParallelEmbedding,
+)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, max_positions: int):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads,
+                                          config.num_kv_heads, config.qkv_bias, tp)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size,
+                                        config.o_bias, tp)
+        self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta,
+                                      config.rope_scaling)
+        self.scale = config.head_dim ** -0.5
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(paged_attention(q, k, v, cache, meta, self.scale))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], False, tp)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, False, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, max_positions: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, tp, max_positions)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, tp)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TensorParallel, max_positions: int):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(config, tp, max_positions)
+                                    for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(ids)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(positions, x, cache, meta)
+        return self.norm(x)
+
+
+class CausalLM(nn.Module):
+    # checkpoint tensor name part -> (our merged parameter, which shard of it)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel, max_positions: int):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, tp, max_positions)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, caches: list[torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states of every new token: [tokens, hidden]."""
+        return self.model(ids, positions, caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits over the real vocabulary, on rank 0 only (None on the other ranks)."""
+        return self.lm_head(hidden)

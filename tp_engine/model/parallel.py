@@ -1,0 +1,168 @@
+"""Tensor-parallel layers (Megatron style). Each layer holds only its rank's shard and knows
+how to read that shard from a checkpoint slice, so no rank ever reads a tensor it does not own.
+
+A `weight_loader(param, source, shard_id)` receives a safetensors slice (or a tensor: both
+support `[a:b]` and `[:, a:b]`), reads only the rows or columns of this rank, and copies them in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """This rank's place in the tensor-parallel group; one object shared by every layer."""
+
+    rank: int = 0
+    size: int = 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x)
+        return x
+
+    def gather_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Concatenate every rank's `x` along the last dimension on rank 0; None elsewhere."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(x.contiguous(), parts, dst=0)
+        return torch.cat(parts, dim=-1) if parts is not None else None
+
+
+def shape_of(source: Any) -> tuple[int, ...]:
+    return tuple(source.get_shape()) if hasattr(source, "get_shape") else tuple(source.shape)
+
+
+def copy_shard(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"{what}: checkpoint shard has shape {tuple(loaded.shape)}, "
+                         f"the model expects {tuple(param.shape)}")
+    param.data.copy_(loaded.to(param.dtype))
+
+
+def _new(shape: tuple[int, ...]) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split by output rows; each rank produces its slice of y."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.out_per_rank = out_features // tp.size
+        self.weight = _new((self.out_per_rank, in_features))
+        self.weight.weight_loader = self.load_rows
+        self.bias = _new((self.out_per_rank,)) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = self.load_rows
+
+    def load_rows(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
+        start = self.tp.rank * self.out_per_rank
+        copy_shard(param, source[start:start + self.out_per_rank], "column-parallel weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input in one matmul (gate and up)."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TensorParallel):
+        super().__init__(in_features, sum(out_sizes), bias, tp)
+        self.sizes = [size // tp.size for size in out_sizes]
+
+    def load_rows(self, param: nn.Parameter, source: Any, shard_id: int = 0) -> None:
+        size = self.sizes[shard_id]
+        offset = sum(self.sizes[:shard_id])
+        start = self.tp.rank * size
+        copy_shard(param.data[offset:offset + size], source[start:start + size], "merged weight")
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v in one matmul, split by heads. With fewer KV heads than ranks each KV head is
+    replicated, so every rank holds whole heads and the KV heads its query heads use."""
+
+    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 tp: TensorParallel):
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp.size
+        self.num_kv_heads = max(1, num_kv_heads // tp.size)
+        if num_kv_heads >= tp.size:
+            self.kv_head_start = tp.rank * self.num_kv_heads
+        else:
+            self.kv_head_start = tp.rank // (tp.size // num_kv_heads)
+        local = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        super().__init__(hidden, local * tp.size, bias, tp)
+
+    def load_rows(self, param: nn.Parameter, source: Any, shard_id: str = "q") -> None:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, start = 0, q_size, self.tp.rank * q_size
+        else:
+            offset = q_size if shard_id == "k" else q_size + kv_size
+            size, start = kv_size, self.kv_head_start * self.head_dim
+        copy_shard(param.data[offset:offset + size], source[start:start + size], f"{shard_id}_proj")
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split by input columns; partial sums are all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.in_per_rank = in_features // tp.size
+        self.weight = _new((out_features, self.in_per_rank))
+        self.weight.weight_loader = self.load_columns
+        self.bias = _new((out_features,)) if bias else None  # replicated: loaded whole
+
+    def load_columns(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
+        start = self.tp.rank * self.in_per_rank
+        copy_shard(param, source[:, start:start + self.in_per_rank], "row-parallel weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.tp.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The vocabulary, padded to a multiple of the TP size, split into equal row ranges."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.per_rank = -(-vocab_size // tp.size)
+        self.start = tp.rank * self.per_rank
+        self.weight = _new((self.per_rank, hidden))
+        self.weight.weight_loader = self.load_rows
+
+    def load_rows(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
+        end = min(self.start + self.per_rank, shape_of(source)[0])
+        param.data.zero_()  # the padding rows past the real vocabulary stay zero
+        if end > self.start:
+            copy_shard(param.data[:end - self.start], source[self.start:end], "embedding")
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        owned = (local >= 0) & (local < self.per_rank)
+        y = F.embedding(local.masked_fill(~owned, 0), self.weight)
+        return self.tp.all_reduce(y.masked_fill(~owned.unsqueeze(-1), 0))
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Each rank computes the logits of its vocabulary range; rank 0 gathers them."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = self.tp.gather_to_first(F.linear(hidden, self.weight))
+        return logits[..., :self.vocab_size] if logits is not None else None

@@ -1,0 +1,61 @@
+"""Rank 0's sampler: greedy, temperature, top-k and top-p.
+
+A row is drawn as argmax(probs / E) with E ~ Exp(1) per token (the exponential race, equal in
+law to drawing from `probs`). A request with a seed gets E from a generator seeded by
+(seed, output index) alone, so its tokens do not depend on the batch around it, and a
+sequence recomputed after preemption draws the same tokens again."""
+
+from __future__ import annotations
+
+import torch
+
+# a spec: [batch index, temperature, top_p, top_k, seed or -1, output index]
+Spec = list
+
+
+class Sampler:
+    def __init__(self, seed: int, device: torch.device):
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, specs: list[Spec]) -> list[int]:
+        logits = logits.float()
+        tokens = logits.argmax(dim=-1)
+        rows = [i for i, spec in enumerate(specs) if spec[1] > 0]
+        if rows:
+            picked = self._sample([specs[i] for i in rows], logits[rows])
+            tokens[rows] = picked
+        return tokens.tolist()
+
+    def _sample(self, specs: list[Spec], logits: torch.Tensor) -> torch.Tensor:
+        temperature = torch.tensor([s[1] for s in specs], device=self.device)
+        logits = logits / temperature[:, None]
+        logits = _top_k_top_p(logits, [s[3] for s in specs], [s[2] for s in specs])
+        probs = logits.softmax(dim=-1)
+        noise = torch.empty_like(probs)
+        for row, spec in enumerate(specs):
+            seed, index = spec[4], spec[5]
+            if seed >= 0:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed((seed * 1_000_003 + index) % (2**63))
+            else:
+                generator = self.generator
+            noise[row].exponential_(generator=generator)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    if all(k == 0 for k in top_k) and all(p >= 1.0 for p in top_p):
+        return logits
+    vocab = logits.shape[-1]
+    ordered, order = logits.sort(dim=-1, descending=True)
+    k = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    drop = ranks >= k[:, None]
+    probs = ordered.masked_fill(drop, float("-inf")).softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above this one
+    p = torch.tensor(top_p, device=logits.device)[:, None]
+    drop |= before >= p
+    drop[:, 0] = False  # the most likely token always stays
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, ordered)

@@ -1,0 +1,166 @@
+"""The wire between the controller and the workers: every message type, its msgpack frame, and
+the ZeroMQ socket set-up. Nothing here ever unpickles; a frame that is not one of these
+messages raises WireError, which receivers log and drop.
+
+A frame is the msgpack array [VERSION, tag, *fields]. Token ids travel as raw int32 bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import msgpack
+import zmq
+
+VERSION = 1
+MAX_FRAME_BYTES = 64 << 20
+
+
+class WireError(ValueError):
+    """A frame that is not a valid message of this version."""
+
+
+_BY_TAG: dict[int, type[Message]] = {}
+_CHECKS = {"int": int, "float": (int, float), "str": str, "bytes": bytes, "bool": bool,
+           "list": list, "int | None": (int, type(None))}
+
+
+@dataclass
+class Message:
+    tag: ClassVar[int] = 0
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.tag in _BY_TAG:
+            raise TypeError(f"wire tag {cls.tag} used twice")
+        _BY_TAG[cls.tag] = cls
+
+
+@dataclass
+class Ready(Message):
+    """A worker loaded its shard and allocated its KV cache."""
+    tag: ClassVar[int] = 1
+    rank: int
+    pid: int
+    num_kv_blocks: int
+    param_bytes: int
+
+
+@dataclass
+class LoadFailed(Message):
+    tag: ClassVar[int] = 2
+    rank: int
+    error: str
+
+
+@dataclass
+class Step(Message):
+    """One forward pass. Sequence i brings query_lens[i] new tokens after starts[i] cached ones;
+    `samples` lists [batch index, temperature, top_p, top_k, seed or -1, output index] for each
+    sequence whose last new token is to be sampled (by rank 0)."""
+    tag: ClassVar[int] = 3
+    step_id: int
+    starts: list
+    query_lens: list
+    token_ids: bytes
+    block_tables: list
+    samples: list
+
+
+@dataclass
+class StepDone(Message):
+    tag: ClassVar[int] = 4
+    step_id: int
+    token_ids: list
+
+
+@dataclass
+class StepFailed(Message):
+    tag: ClassVar[int] = 5
+    rank: int
+    step_id: int
+    error: str
+
+
+@dataclass
+class Shutdown(Message):
+    tag: ClassVar[int] = 6
+
+
+@dataclass
+class Goodbye(Message):
+    """A worker left its loop and destroyed its process group."""
+    tag: ClassVar[int] = 7
+    rank: int
+
+
+def encode(msg: Message) -> bytes:
+    fields = [getattr(msg, f.name) for f in dataclasses.fields(msg)]
+    return msgpack.packb([VERSION, msg.tag, *fields], use_bin_type=True)
+
+
+def decode(frame: bytes) -> Message:
+    if len(frame) > MAX_FRAME_BYTES:
+        raise WireError(f"frame of {len(frame)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        raw = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises several unrelated types for garbage
+        raise WireError(f"not a msgpack frame: {e}") from None
+    if not isinstance(raw, list) or len(raw) < 2:
+        raise WireError("a frame must be [version, tag, *fields]")
+    version, tag, *values = raw
+    if version != VERSION:
+        raise WireError(f"wire version {version!r}, expected {VERSION}")
+    cls = _BY_TAG.get(tag) if isinstance(tag, int) else None
+    if cls is None:
+        raise WireError(f"unknown message tag {tag!r}")
+    fields = dataclasses.fields(cls)
+    if len(values) != len(fields):
+        raise WireError(f"{cls.__name__} takes {len(fields)} fields, got {len(values)}")
+    for f, value in zip(fields, values):
+        expected = _CHECKS[f.type]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise WireError(f"{cls.__name__}.{f.name} must be {f.type}, "
+                            f"got {type(value).__name__}")
+    return cls(*values)
+
+
+# --- sockets -------------------------------------------------------------------------------
+
+def private_ipc_dir() -> str:
+    """A fresh directory only this user can enter (mkdtemp makes it 0700)."""
+    return tempfile.mkdtemp(prefix="tp-engine-")
+
+
+def control_endpoint(ipc_dir: str | None, host: str | None = None) -> str:
+    """Where the controller binds: a socket file in the private directory, or TCP on `host`
+    with a port the OS picks (loopback unless an interface is named)."""
+    if host is None:
+        return f"ipc://{os.path.join(ipc_dir or private_ipc_dir(), 'control')}"
+    return f"tcp://{host}:*"
+
+
+def bind_router(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, str]:
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished worker raises, not vanishes
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.bind(endpoint)
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def connect_dealer(ctx: zmq.Context, endpoint: str, rank: int) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, identity(rank))
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.connect(endpoint)
+    return sock
+
+
+def identity(rank: int) -> bytes:
+    return f"rank-{rank}".encode()

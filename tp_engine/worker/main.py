@@ -1,0 +1,111 @@
+"""The worker process: one per rank. Joins the process group, loads its shard, reports READY,
+then runs the steps it is sent until SHUTDOWN, and leaves with os._exit once clean.
+
+Imported by the forkserver before any engine exists, so that torch is loaded once and a worker
+starts in milliseconds."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import torch  # noqa: F401  (preloaded by the forkserver)
+import zmq
+
+from tp_engine import wire
+from tp_engine.config import EngineConfig
+from tp_engine.model.config import ModelConfig
+from tp_engine.worker.distributed import destroy_distributed, init_distributed
+from tp_engine.worker.parent_watch import watch_parent
+
+log = logging.getLogger("tp_engine.worker")
+
+
+@dataclass
+class WorkerArgs:
+    config: EngineConfig
+    rank: int
+    world_size: int
+    endpoint: str          # the controller's ROUTER
+    init_method: str       # the process group's rendezvous
+    controller_pid: int
+
+
+def worker_main(args: WorkerArgs, alive: Connection | None) -> None:
+    """Entry of a spawned worker. Never returns: the process leaves with os._exit."""
+    # Ctrl-C reaches the whole process group; the controller decides how workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_parent(alive, args.controller_pid)
+    os._exit(serve(args))
+
+
+def serve(args: WorkerArgs) -> int:
+    """Load, report, run the loop; return the exit code. Also the torchrun worker entry."""
+    ctx = zmq.Context()
+    sock = wire.connect_dealer(ctx, args.endpoint, args.rank)
+    try:
+        try:
+            runner = _load(args)
+        except BaseException as e:  # report every failure, KeyboardInterrupt included
+            detail = f"{type(e).__name__}: {e}"
+            log.debug("rank %d failed to load:\n%s", args.rank, traceback.format_exc())
+            _send_last(sock, wire.LoadFailed(rank=args.rank, error=detail))
+            return 1
+        sock.send(wire.encode(wire.Ready(rank=args.rank, pid=os.getpid(),
+                                         num_kv_blocks=runner.num_blocks,
+                                         param_bytes=runner.param_bytes)))
+        _loop(args.rank, sock, runner)
+        destroy_distributed()
+        _send_last(sock, wire.Goodbye(rank=args.rank))
+        return 0
+    finally:
+        sock.close()  # LINGER is 0 but for a last message (see _send_last)
+        ctx.term()
+
+
+def _load(args: WorkerArgs):
+    from tp_engine.worker.model_runner import ModelRunner
+
+    cfg = args.config
+    ModelConfig.from_dir(cfg.model).check_tensor_parallel(args.world_size)
+    tp = init_distributed(args.rank, args.world_size, args.init_method, cfg.device,
+                          timeout_s=cfg.startup_timeout)
+    dtype = cfg.worker_dtype(ModelConfig.from_dir(cfg.model).checkpoint_dtype)
+    return ModelRunner(cfg, tp, dtype)
+
+
+def _loop(rank: int, sock: zmq.Socket, runner) -> None:
+    while True:
+        frame = sock.recv()
+        try:
+            msg = wire.decode(frame)
+        except wire.WireError as e:
+            log.warning("rank %d dropped a malformed frame: %s", rank, e)
+            continue
+        if isinstance(msg, wire.Shutdown):
+            return
+        if not isinstance(msg, wire.Step):
+            log.warning("rank %d dropped an unexpected %s", rank, type(msg).__name__)
+            continue
+        try:
+            tokens = runner.step(msg)
+        except Exception as e:
+            log.error("rank %d failed step %d: %s", rank, msg.step_id, e)
+            sock.send(wire.encode(wire.StepFailed(rank=rank, step_id=msg.step_id,
+                                                  error=f"{type(e).__name__}: {e}")))
+            continue
+        if rank == 0:
+            sock.send(wire.encode(wire.StepDone(step_id=msg.step_id, token_ids=tokens or [])))
+
+
+def _send_last(sock: zmq.Socket, msg: wire.Message) -> None:
+    """A last message must reach the controller even though the socket closes right after."""
+    sock.setsockopt(zmq.LINGER, 1000)
+    try:
+        sock.send(wire.encode(msg), flags=zmq.NOBLOCK)
+    except zmq.ZMQError:
+        pass
