@@ -29,10 +29,10 @@ VARIANTS = {
 }
 
 
-def build(name: str, root: Path, seed: int = 0) -> Path:
+def build(name: str, root: Path, seed: int = 0, **overrides) -> Path:
     config_cls, model_cls, extra = VARIANTS[name]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**SMALL, **extra)).eval()
+    model = model_cls(config_cls(**{**SMALL, **extra, **overrides})).eval()
     with torch.no_grad():  # larger than the default init: distinct logits, no near-ties
         for pname, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in pname else 0.2 * torch.randn_like(p))

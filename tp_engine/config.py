@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tp_engine.model.builtin import resolve_model
+
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -33,7 +35,7 @@ class EngineConfig:
     host: str | None = None                  # bind the control socket on TCP here, else IPC
 
     def __post_init__(self) -> None:
-        self.model = str(self.model)
+        self.model = resolve_model(str(self.model))
         if self.device == "auto":
             self.device = "cuda" if _cuda_available() else "cpu"
         if self.device not in DEVICES:

@@ -39,3 +39,8 @@ class WorkerDiedError(EngineError):
             how = f"exit code {self.exitcode}"
         msg = f"worker rank {self.rank} died ({how})"
         return f"{msg}: {self.detail}" if self.detail else msg
+
+
+class ConfigError(EngineError, ValueError):
+    """The engine cannot start as configured: a missing or unreadable checkpoint, a bad
+    keyword, a tensor-parallel size that does not divide the model."""

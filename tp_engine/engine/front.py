@@ -10,14 +10,20 @@ from typing import Any
 from tp_engine.config import EngineConfig
 from tp_engine.engine.core import EngineCore
 from tp_engine.engine.lifecycle import track
+from tp_engine.errors import ConfigError, EngineError
 
 
 class EngineFront:
     def __init__(self, model: str | Path, tensor_parallel_size: int = 1, device: str = "auto",
                  dtype: str = "auto", **kwargs: Any):
-        config = EngineConfig(model=str(model), tensor_parallel_size=tensor_parallel_size,
-                              device=device, dtype=dtype, **kwargs)
-        self._core = EngineCore(config)
+        try:
+            config = EngineConfig(model=str(model), tensor_parallel_size=tensor_parallel_size,
+                                  device=device, dtype=dtype, **kwargs)
+            self._core = EngineCore(config)
+        except EngineError:
+            raise
+        except (ValueError, TypeError, OSError) as e:  # the user's to fix: say so plainly
+            raise ConfigError(str(e)) from e
         track(self)
 
     @classmethod
@@ -33,6 +39,10 @@ class EngineFront:
     @property
     def config(self) -> EngineConfig:
         return self._core.config
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._core.group.procs]
 
     @property
     def tokenizer(self):

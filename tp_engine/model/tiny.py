@@ -226,6 +226,13 @@ def make_tiny_model(
     weights = _random_weights(cfg, gen, _DTYPES[dtype], qkv_bias=arch == "qwen2")
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
 
+    write_tokenizer(out, arch, vocab_size, max_position_embeddings)
+    return out
+
+
+def write_tokenizer(out: Path, arch: str, vocab_size: int, model_max_length: int) -> None:
+    """The tokenizer, chat template and generation config of a tiny checkpoint; also used to
+    give a checkpoint written by transformers the files an engine needs."""
     build_tokenizer(vocab_size, arch).save(str(out / "tokenizer.json"))
     special = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
     tok_cfg = {
@@ -235,7 +242,7 @@ def make_tiny_model(
         "bos_token": SPECIAL_TOKENS[BOS],
         "eos_token": SPECIAL_TOKENS[EOS],
         "clean_up_tokenization_spaces": False,
-        "model_max_length": max_position_embeddings,
+        "model_max_length": model_max_length,
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
     if arch == "qwen2":
@@ -247,4 +254,3 @@ def make_tiny_model(
         out / "generation_config.json",
         {"bos_token_id": BOS, "eos_token_id": [EOS, IM_END]},
     )
-    return out

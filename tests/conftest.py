@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny checkpoints (random, built once per session) and process hygiene."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import psutil
+import pytest
+
+from tp_engine.model.tiny import make_tiny_model, write_tokenizer
+
+TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=512,
+            intermediate_size=128, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A small random Llama with a real tokenizer, written by tp-engine itself."""
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", **TINY))
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """Checkpoints written by transformers (with a tokenizer added): a Llama with one KV head
+    (replicated at TP 2 and 4) and a Qwen2 with tied embeddings and q/k/v biases."""
+    from checkpoints import build
+
+    root = tmp_path_factory.mktemp("hf")
+    paths = {}
+    for name, arch in (("llama", "llama"), ("qwen2", "qwen2")):
+        path = build(name, root, vocab_size=300)
+        write_tokenizer(path, arch, 300, 256)
+        paths[name] = str(path)
+    return paths
+
+
+def snapshot() -> dict:
+    """What an engine must give back: child processes, threads, open files."""
+    me = psutil.Process()
+    return dict(children={p.pid for p in me.children(recursive=True)},
+                threads=threading.active_count(), fds=len(os.listdir("/proc/self/fd")))
+
+
+def live_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def worker_pids(engine) -> list[int]:
+    return engine.worker_pids
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_worker_left_behind():
+    yield
+    workers = [p for p in live_children() if "forkserver" not in " ".join(p.cmdline())]
+    for p in workers:
+        p.kill()
+    assert not workers, f"processes left after the suite: {[p.pid for p in workers]}"
