@@ -6,8 +6,14 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              max_position_embeddings=256, rms_norm_eps=1e-6)
@@ -62,3 +68,14 @@ def _rewrite_hub_style(file: Path) -> None:
     raw["rope_scaling"] = rope
     raw["torch_dtype"] = raw.pop("dtype", "bfloat16")
     file.write_text(json.dumps(raw, indent=2))
+
+
+def greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy `generate`, with no EOS (so nothing is suppressed or stopped)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                              bos_token_id=None, pad_token_id=0)
+    model.generation_config = config  # else generate merges in the checkpoint's EOS ids
+    out = model.generate(torch.tensor([prompt]))
+    return out[0, len(prompt):].tolist()

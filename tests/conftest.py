@@ -47,14 +47,17 @@ def live_children() -> list[psutil.Process]:
             if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def worker_pids(engine) -> list[int]:
-    return engine.worker_pids
+def is_multiprocessing_helper(proc: psutil.Process) -> bool:
+    """The forkserver and the resource tracker: one each per process, not per engine."""
+    cmd = " ".join(proc.cmdline())
+    return "multiprocessing.forkserver" in cmd or "multiprocessing.resource_tracker" in cmd
 
 
 @pytest.fixture(autouse=True, scope="session")
 def no_worker_left_behind():
     yield
-    workers = [p for p in live_children() if "forkserver" not in " ".join(p.cmdline())]
+    # the forkserver and multiprocessing's resource tracker live as long as this process
+    workers = [p for p in live_children() if not is_multiprocessing_helper(p)]
     for p in workers:
         p.kill()
     assert not workers, f"processes left after the suite: {[p.pid for p in workers]}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import VARIANTS, build, reference
+from checkpoints import VARIANTS, build, greedy, reference
 from ranks import run_ranks
 
 from tp_engine.model.attention import AttentionMetadata
@@ -94,9 +94,7 @@ def test_logits_and_greedy_match_transformers(checkpoints, tp):
             expect = torch.stack([ref0[n0 + step], ref1[n1 + step]])
             torch.testing.assert_close(logits, expect, atol=1e-4, rtol=0,
                                        msg=f"{name} decode step {step}")
-        out = ref.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=GREEDY_TOKENS,
-                           min_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=0)
-        assert got["greedy"] == out[0, n0:].tolist(), name
+        assert got["greedy"] == greedy(ref, PROMPTS[0], GREEDY_TOKENS), name
 
 
 def parameter_bytes(tp: TensorParallel, path) -> list[int]:
