@@ -12,6 +12,7 @@ from tp_engine.engine.front import EngineFront
 from tp_engine.engine.llm import prompt_input
 from tp_engine.engine.openai_api import (
     PreparedRequest,
+    StreamChunks,
     prepare_chat,
     prepare_completion,
     sampling_params,
@@ -65,36 +66,23 @@ class AsyncStream:
 
     def __init__(self, core, state: RequestState, request: PreparedRequest,
                  include_usage: bool):
-        self._core, self._state, self._request = core, state, request
-        self._include_usage = include_usage
-        self._first, self._done, self._usage_due = True, False, False
+        self._core, self._state = core, state
+        self._chunks = StreamChunks(request, state, include_usage)
 
     def __aiter__(self):
         return self
 
     async def __anext__(self):
-        if self._usage_due:
-            self._usage_due, self._done = False, True
-            return self._request.chunk(None, usage=self._request.usage(
-                len(self._state.output.token_ids)))
-        while not self._done:
-            try:
-                delta = await self._state.sink.get()
-            except asyncio.CancelledError:
-                await self.aclose()
-                raise
-            if delta.error is not None:
-                self._done = True
-                raise delta.error
-            if delta.finish_reason is not None:
-                self._done = True
-                self._usage_due = self._include_usage
-            elif not delta.text and not self._first:
-                continue
-            chunk = self._request.chunk(delta, first=self._first)
-            self._first = False
-            return chunk
-        raise StopAsyncIteration
+        chunk = self._chunks.usage_chunk()
+        try:
+            while chunk is None and not self._chunks.done:
+                chunk = self._chunks.take(await self._state.sink.get())
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
 
     async def aclose(self) -> None:
         self.close()
@@ -102,7 +90,7 @@ class AsyncStream:
     def close(self) -> None:
         if not self._state.finished:
             self._core.abort(self._state)
-        self._done, self._usage_due = True, False
+        self._chunks.close()
 
     async def __aenter__(self):
         return self

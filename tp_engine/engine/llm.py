@@ -9,6 +9,7 @@ from tqdm import tqdm
 from tp_engine.engine.front import EngineFront
 from tp_engine.engine.openai_api import (
     PreparedRequest,
+    StreamChunks,
     prepare_chat,
     prepare_completion,
     sampling_params,
@@ -83,37 +84,24 @@ class Stream:
 
     def __init__(self, core, state: RequestState, request: PreparedRequest,
                  include_usage: bool):
-        self._core, self._state, self._request = core, state, request
-        self._include_usage = include_usage
-        self._first, self._done, self._usage_due = True, False, False
+        self._core, self._state = core, state
+        self._chunks = StreamChunks(request, state, include_usage)
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self._usage_due:
-            self._usage_due, self._done = False, True
-            return self._request.chunk(None, usage=self._request.usage(
-                len(self._state.output.token_ids)))
-        while not self._done:
-            delta = self._state.sink.get()
-            if delta.error is not None:
-                self._done = True
-                raise delta.error
-            if delta.finish_reason is not None:
-                self._done = True
-                self._usage_due = self._include_usage
-            elif not delta.text and not self._first:
-                continue  # nothing to show yet (a held-back stop prefix, a partial character)
-            chunk = self._request.chunk(delta, first=self._first)
-            self._first = False
-            return chunk
-        raise StopIteration
+        chunk = self._chunks.usage_chunk()
+        while chunk is None and not self._chunks.done:
+            chunk = self._chunks.take(self._state.sink.get())
+        if chunk is None:
+            raise StopIteration
+        return chunk
 
     def close(self) -> None:
         if not self._state.finished:
             self._core.abort(self._state)
-        self._done, self._usage_due = True, False
+        self._chunks.close()
 
     def __enter__(self):
         return self

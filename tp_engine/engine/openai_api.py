@@ -104,3 +104,38 @@ def prepare_completion(core, prompt: str | list[int], model: str | None,
         raise InvalidRequestError("prompt must be a string or a list of token ids")
     return PreparedRequest("completion", new_id("cmpl"), model or core.config.model, text, ids,
                            params)
+
+
+class StreamChunks:
+    """Turns a request's deltas into OpenAI stream chunks; the sync and async streams differ
+    only in how they wait for the next delta."""
+
+    def __init__(self, request: PreparedRequest, state, include_usage: bool):
+        self.request, self.state = request, state
+        self.include_usage = include_usage
+        self.first, self.done, self.usage_due = True, False, False
+
+    def usage_chunk(self):
+        """The closing usage-only chunk, once, when it is due."""
+        if not self.usage_due:
+            return None
+        self.usage_due, self.done = False, True
+        return self.request.chunk(None, usage=self.request.usage(len(self.state.output.token_ids)))
+
+    def take(self, delta: Delta):
+        """The chunk for `delta`, or None when it has nothing to show (a held-back stop
+        prefix, a partial character); raises the request's error."""
+        if delta.error is not None:
+            self.done = True
+            raise delta.error
+        if delta.finish_reason is not None:
+            self.done = True
+            self.usage_due = self.include_usage
+        elif not delta.text and not self.first:
+            return None
+        chunk = self.request.chunk(delta, first=self.first)
+        self.first = False
+        return chunk
+
+    def close(self) -> None:
+        self.done, self.usage_due = True, False
