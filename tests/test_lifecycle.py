@@ -221,8 +221,10 @@ def test_tp_not_dividing_heads_leaves_nothing(warm, baseline):
 
 
 @pytest.mark.timeout(60)
-def test_worker_killed_while_loading(warm, baseline):
-    """spawn makes each worker import torch (more than a second): kill one meanwhile."""
+@pytest.mark.parametrize("delay", [0.0, 0.7])
+def test_worker_killed_while_loading(warm, baseline, delay):
+    """spawn makes each worker import torch (more than a second): kill one meanwhile, at
+    once or in the middle of its imports."""
     ctor = Background(engine, warm, start_method="spawn")
     deadline = time.monotonic() + 20
     workers: list[psutil.Process] = []
@@ -235,6 +237,8 @@ def test_worker_killed_while_loading(warm, baseline):
     assert len(workers) == TP, [_describe(p.pid) for p in workers]
     # ranks are started in order: rank 1 is the younger process
     rank1 = sorted(workers, key=lambda p: (p.create_time(), p.pid))[1]
+    time.sleep(delay)
+    assert ctor.done_at is None, f"constructor returned early: {ctor.error!r}"
     rank1.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     ctor.join(10)
@@ -279,11 +283,11 @@ def test_terminate_wakes_a_chat_stream_consumer(warm, baseline):
                                        stream=True)
     chunks = []
 
-    def consume():
-        for chunk in stream:
+    def consume(chunks_of):
+        for chunk in chunks_of:
             chunks.append(chunk)
 
-    consumer = Background(consume)
+    consumer = Background(consume, stream)
     deadline = time.monotonic() + 10
     while len(chunks) < 5:
         assert time.monotonic() < deadline and consumer.done_at is None, repr(consumer.error)
@@ -295,7 +299,7 @@ def test_terminate_wakes_a_chat_stream_consumer(warm, baseline):
     assert consumer.done_at - asked_at < 1.0
     assert 5 <= len(chunks) < 400
     assert wait_all_dead(pids, 0) == []
-    del consumer, stream
+    del consumer
     assert_back_to(baseline)
 
 
@@ -327,6 +331,54 @@ def test_worker_sigkilled_mid_generation(warm, baseline):
     assert took < e.config.terminate_timeout + 3.0  # bounded by its timeout, plus SIGTERM/KILL
     assert wait_all_dead(pids, 0) == []
     e.terminate()  # still idempotent
+    del caller
+    assert_back_to(baseline)
+
+
+@pytest.mark.timeout(60)
+def test_idle_worker_death_is_noticed_within_a_second(warm, baseline):
+    e = engine(warm)
+    pids = e.worker_pids
+    e.generate("hello", SHORT)
+    os.kill(pids[0], signal.SIGKILL)
+    killed_at = time.monotonic()
+    while e.state != "failed" and time.monotonic() - killed_at < 1.0:
+        time.sleep(0.01)
+    assert e.state == "failed"
+    with pytest.raises(WorkerDiedError) as info:
+        e.generate("hello", SHORT)
+    assert info.value.rank == 0 and "rank 0" in str(info.value)
+    e.terminate()
+    assert e.state == "terminated"
+    assert wait_all_dead(pids, 0) == []
+    assert_back_to(baseline)
+
+
+@pytest.mark.timeout(60)
+def test_terminate_is_bounded_when_a_worker_hangs(warm, baseline):
+    """A worker that stops answering (SIGSTOP mid-step) neither strands the caller nor holds
+    terminate() past its timeout by more than the SIGTERM/SIGKILL escalation."""
+    e = engine(warm)
+    pids = e.worker_pids
+    caller = Background(e.generate, LONG_PROMPTS, LONG)
+    time.sleep(0.5)
+    assert caller.done_at is None
+    os.kill(pids[1], signal.SIGSTOP)
+    try:
+        time.sleep(0.2)
+        assert caller.done_at is None  # a stopped worker is not a dead one
+        asked_at = time.monotonic()
+        e.terminate(timeout=1.0)
+        took = time.monotonic() - asked_at
+    finally:
+        if alive(pids[1]):
+            os.kill(pids[1], signal.SIGCONT)
+    caller.join(1)
+    assert isinstance(caller.error, EngineTerminatedError), repr(caller.error)
+    assert caller.done_at - asked_at < 1.0
+    assert took < 1.0 + 2.0, f"terminate(timeout=1) took {took:.2f} s"
+    assert e.state == "terminated"
+    assert wait_all_dead(pids, 0) == []
     del caller
     assert_back_to(baseline)
 

@@ -154,6 +154,14 @@ class EngineCore:
         if self.state == "running":
             self.loop.abort(seq_id)
 
+    def stats(self) -> dict[str, float]:
+        """A snapshot for metrics: read without locks, so each figure is at most a step old."""
+        blocks = self.blocks
+        return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+                    in_flight=len(self.registry), kv_blocks=blocks.num_blocks,
+                    kv_blocks_free=blocks.num_free, kv_usage=blocks.usage,
+                    preemptions=self.scheduler.num_preemptions)
+
     # --- lifecycle -------------------------------------------------------------------------
 
     def terminate(self, timeout: float | None = None) -> None:
