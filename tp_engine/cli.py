@@ -33,6 +33,8 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """The Engine keywords: the YAML file's, overridden by the flags given."""
+    if getattr(args, "engine_overrides", None):
+        return args.engine_overrides
     kwargs = {dest: getattr(args, dest) for dest, _ in ENGINE_FLAGS.values()
               if getattr(args, dest) is not None}
     if args.model:
@@ -78,6 +80,26 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from tp_engine import AsyncEngine
+    from tp_engine.batch import EXIT_PREEMPTED, run_batch
+
+    async def main() -> int:
+        engine = AsyncEngine(**engine_kwargs(args))
+        try:
+            summary = await run_batch(engine, Path(args.input), Path(args.output),
+                                      args.max_in_flight, progress=not args.no_progress)
+        finally:
+            engine.terminate()
+        print(summary.line(), file=sys.stderr)
+        return EXIT_PREEMPTED if summary.preempted else 0
+
+    return asyncio.run(main())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tp-engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sample-seed", type=int, default=None)
     gen.set_defaults(run=cmd_generate)
 
+    batch = sub.add_parser("batch", help="run an OpenAI Batch API JSONL file, resumable")
+    add_engine_flags(batch)
+    batch.add_argument("-i", "--input", required=True)
+    batch.add_argument("-o", "--output", required=True)
+    batch.add_argument("--max-in-flight", type=int, default=64)
+    batch.add_argument("--no-progress", action="store_true")
+    batch.set_defaults(run=cmd_batch)
+
     tiny = sub.add_parser("make-tiny-model", help="write a small random checkpoint")
     tiny.add_argument("dir")
     tiny.add_argument("--arch", choices=["llama", "qwen2", "mistral"], default="llama")
@@ -100,6 +130,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_under_torchrun(args: argparse.Namespace, rank: int, world_size: int) -> int:
+    """torchrun started this process as one rank: rank 0 runs the subcommand with the
+    controller, every other rank runs the worker loop only."""
+    from tp_engine.config import EngineConfig
+    from tp_engine.engine.torchrun_group import master_host, serve_rank
+    from tp_engine.worker.distributed import init_distributed
+
+    kwargs = dict(engine_kwargs(args), tensor_parallel_size=world_size, start_method="torchrun")
+    kwargs.setdefault("host", master_host())
+    args.engine_overrides = kwargs
+    config = EngineConfig(**kwargs)
+    init_distributed(rank, world_size, "env://", config.device, config.startup_timeout)
+    if rank == 0:
+        return args.run(args)
+    return serve_rank(config, rank, world_size)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from tp_engine.engine.torchrun_group import torchrun_env
+
+    ranks = torchrun_env()
+    if ranks is not None and hasattr(args, "model"):  # the subcommands that run an engine
+        return run_under_torchrun(args, *ranks)
     return args.run(args)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tp_engine.model.builtin import resolve_model
+from tp_engine.model.config import ModelConfig
 
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -29,7 +30,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 0.25         # per CPU worker
     gpu_memory_utilization: float = 0.85     # share of a GPU's free memory the cache may take
     seed: int = 0
-    start_method: str = "forkserver"         # or "spawn"
+    start_method: str = "forkserver"         # or "spawn"; "torchrun" when torchrun made the ranks
     startup_timeout: float = 120.0
     terminate_timeout: float = 5.0
     host: str | None = None                  # bind the control socket on TCP here, else IPC
@@ -42,8 +43,8 @@ class EngineConfig:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.start_method not in ("forkserver", "spawn"):
-            raise ValueError(f"start_method must be 'forkserver' or 'spawn', "
+        if self.start_method not in ("forkserver", "spawn", "torchrun"):
+            raise ValueError(f"start_method must be 'forkserver', 'spawn' or 'torchrun', "
                              f"got {self.start_method!r}")
         for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens",
                      "block_size"):
@@ -51,6 +52,11 @@ class EngineConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not Path(self.model).is_dir():
             raise FileNotFoundError(f"model directory {self.model} does not exist")
+        limit = ModelConfig.from_dir(self.model).max_position_embeddings
+        if self.max_model_len is not None and self.max_model_len > limit:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={limit}")
+        self.max_model_len = self.max_model_len or limit
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> EngineConfig:

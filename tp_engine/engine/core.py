@@ -24,6 +24,7 @@ from tp_engine.engine.sampling_params import SamplingParams
 from tp_engine.engine.scheduler import Scheduler, Sequence
 from tp_engine.engine.stream_back import StreamBack
 from tp_engine.engine.tokenizer import Tokenizer
+from tp_engine.engine.torchrun_group import TorchrunGroup
 from tp_engine.engine.worker_group import WorkerGroup
 from tp_engine.errors import EngineError, EngineTerminatedError, InvalidRequestError
 from tp_engine.model.config import ModelConfig
@@ -55,11 +56,6 @@ class EngineCore:
         cfg = self.config
         model = ModelConfig.from_dir(cfg.model)
         model.check_tensor_parallel(cfg.tensor_parallel_size)
-        limit = model.max_position_embeddings
-        if cfg.max_model_len is not None and cfg.max_model_len > limit:
-            raise ValueError(f"max_model_len={cfg.max_model_len} exceeds the model's "
-                             f"max_position_embeddings={limit}")
-        cfg.max_model_len = cfg.max_model_len or limit
         self.model_config = model
         self.tokenizer = Tokenizer.from_dir(cfg.model)
         self.eos_token_ids = list(dict.fromkeys([*self.tokenizer.eos_token_ids,
@@ -68,7 +64,8 @@ class EngineCore:
         ipc_dir = wire.private_ipc_dir()
         self._resources.acquired("IPC directory",
                                  lambda _: shutil.rmtree(ipc_dir, ignore_errors=True))
-        self.group = group = WorkerGroup(cfg, ipc_dir)
+        group_cls = TorchrunGroup if cfg.start_method == "torchrun" else WorkerGroup
+        self.group = group = group_cls(cfg, ipc_dir)
         self._resources.acquired("sockets", group.close)
         group.start()
         self._resources.acquired("workers", self._release_workers)

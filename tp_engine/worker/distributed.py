@@ -21,7 +21,7 @@ def init_distributed(rank: int, world_size: int, init_method: str, device: str,
     else:
         # Oversubscribed intra-op threads make CPU ranks several times slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    if world_size > 1:
+    if world_size > 1 and not dist.is_initialized():  # under torchrun it may be up already
         backend = "nccl" if device == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
@@ -36,3 +36,17 @@ def destroy_distributed() -> None:
 def current_device(device: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" \
         else torch.device("cpu")
+
+
+def share_string(value: str | None, device: str, size: int = 512) -> str:
+    """Rank 0's `value`, on every rank, through a collective: how ranks started by torchrun
+    learn where the controller listens (no pickling, no private store API)."""
+    where = current_device(device)
+    buf = torch.zeros(size, dtype=torch.uint8, device=where)
+    if value is not None:
+        data = value.encode()
+        if len(data) > size:
+            raise ValueError(f"{value!r} is longer than {size} bytes")
+        buf[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+    dist.broadcast(buf, src=0)
+    return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()

@@ -33,6 +33,7 @@ class WorkerArgs:
     endpoint: str          # the controller's ROUTER
     init_method: str       # the process group's rendezvous
     controller_pid: int
+    owns_group: bool = True  # False for rank 0 under torchrun: the controller destroys it last
 
 
 def worker_main(args: WorkerArgs, alive: Connection | None) -> None:
@@ -59,7 +60,8 @@ def serve(args: WorkerArgs) -> int:
                                          num_kv_blocks=runner.num_blocks,
                                          param_bytes=runner.param_bytes)))
         _loop(args.rank, sock, runner)
-        destroy_distributed()
+        if args.owns_group:
+            destroy_distributed()
         _send_last(sock, wire.Goodbye(rank=args.rank))
         return 0
     finally:

@@ -1,0 +1,218 @@
+"""`tp-engine batch`: the OpenAI Batch API's JSONL through the engine, exactly once.
+
+Input is streamed line by line; at most `--max-in-flight` requests are in the engine; each
+result is appended as one line and flushed as soon as it finishes. Rerunning with the same
+output file resumes: the lines already there are skipped (a torn last line, from a kill in
+mid-write, is cut off first), so a job killed at any moment and rerun ends with every request
+exactly once. SIGTERM (Slurm preemption) stops admitting, keeps what finished, aborts the rest
+and exits with EXIT_PREEMPTED so that the scheduler requeues it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from tp_engine.errors import EngineError, InvalidRequestError
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again", what a requeue wants to see
+URLS = ("/v1/chat/completions", "/v1/completions")
+
+
+@dataclass
+class BatchSummary:
+    total: int = 0
+    skipped: int = 0
+    completed: int = 0
+    failed: int = 0
+    output_tokens: int = 0
+    seconds: float = 0.0
+    preempted: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        rate = self.output_tokens / self.seconds if self.seconds else 0.0
+        state = "preempted" if self.preempted else "done"
+        return (f"batch {state}: {self.completed} completed, {self.failed} failed, "
+                f"{self.skipped} already done, of {self.total}; {self.output_tokens} output "
+                f"tokens in {self.seconds:.1f} s ({rate:.0f} tokens/s)")
+
+
+def read_done(output: Path) -> set[str]:
+    """The keys already in `output`, after cutting a torn last line."""
+    if not output.exists():
+        return set()
+    done: set[str] = set()
+    good = 0
+    with output.open("rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                break
+            done.add(record_key(record))
+            good += len(raw)
+    if good != output.stat().st_size:
+        with output.open("r+b") as f:
+            f.truncate(good)
+    return done
+
+
+def record_key(record: dict[str, Any]) -> str:
+    if record.get("custom_id") is not None:
+        return f"id:{record['custom_id']}"
+    return f"line:{(record.get('error') or {}).get('line')}"
+
+
+def read_requests(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """(line number, request or None, error or None) for each non-blank line, streamed."""
+    with path.open("r", encoding="utf-8") as f:
+        for number, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                request = json.loads(text)
+            except ValueError as e:
+                yield number, None, f"line {number} is not JSON: {e}"
+                continue
+            yield number, request, check_request(request)
+
+
+def check_request(request: Any) -> str | None:
+    if not isinstance(request, dict):
+        return "a request must be a JSON object"
+    if request.get("custom_id") is None:
+        return "custom_id is missing"
+    if request.get("url") not in URLS:
+        return f"url must be one of {URLS}, got {request.get('url')!r}"
+    if request.get("method", "POST") != "POST":
+        return "method must be POST"
+    if not isinstance(request.get("body"), dict):
+        return "body must be a JSON object"
+    return None
+
+
+def result_record(custom_id: Any, response: Any) -> dict[str, Any]:
+    body = response.to_dict()
+    return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": custom_id,
+            "response": {"status_code": 200, "request_id": body["id"], "body": body},
+            "error": None}
+
+
+def error_record(custom_id: Any, code: str, message: str, line: int) -> dict[str, Any]:
+    return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": custom_id,
+            "response": None, "error": {"code": code, "message": message, "line": line}}
+
+
+class Writer:
+    """Appends whole lines with one unbuffered write each, so a kill tears at most one."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, record: dict[str, Any]) -> None:
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        while data:
+            data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
+async def run_batch(engine, input_path: Path, output_path: Path, max_in_flight: int = 64,
+                    progress: bool = True) -> BatchSummary:
+    summary = BatchSummary()
+    done = read_done(output_path)
+    summary.total = sum(1 for _ in read_requests(input_path))
+    writer = Writer(output_path)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    bar = tqdm(total=summary.total, desc="batch", unit="req", disable=not progress)
+    slots = asyncio.Semaphore(max_in_flight)
+    tasks: set[asyncio.Task] = set()
+    fatal: list[EngineError] = []
+    started = time.perf_counter()
+
+    def finish(record: dict[str, Any], tokens: int = 0) -> None:
+        writer.write(record)
+        summary.output_tokens += tokens
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{summary.output_tokens / (time.perf_counter() - started):.0f}")
+
+    async def one(number: int, request: dict[str, Any]) -> None:
+        try:
+            body = dict(request["body"])
+            body.pop("stream", None)
+            api = engine.chat.completions if request["url"] == URLS[0] else engine.completions
+            response = await api.create(**body)
+            finish(result_record(request["custom_id"], response),
+                   response.usage.completion_tokens)
+            summary.completed += 1
+        except (InvalidRequestError, TypeError) as e:
+            finish(error_record(request["custom_id"], "invalid_request", str(e), number))
+            summary.failed += 1
+        except EngineError as e:  # the engine itself failed: stop, keep what is done
+            fatal.append(e)
+            stop.set()
+        finally:
+            slots.release()
+
+    try:
+        seen: set[str] = set()
+        for number, request, problem in read_requests(input_path):
+            key = f"id:{request['custom_id']}" if not problem else f"line:{number}"
+            if key in done or key in seen:
+                summary.skipped += key in done
+                bar.update(1)
+                continue
+            seen.add(key)
+            if problem:
+                custom_id = request.get("custom_id") if isinstance(request, dict) else None
+                finish(error_record(custom_id, "invalid_request", problem, number))
+                summary.failed += 1
+                continue
+            acquire = asyncio.ensure_future(slots.acquire())
+            stopped = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            if stop.is_set():
+                if acquire.done():
+                    slots.release()
+                acquire.cancel()
+                break
+            task = asyncio.create_task(one(number, request))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        waiting = asyncio.ensure_future(asyncio.gather(*tasks, return_exceptions=True))
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if stop.is_set():  # preempted: what finished is on disk, the rest is redone on rerun
+            summary.preempted = not fatal
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if fatal:
+            raise fatal[0]
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        writer.close()
+        bar.close()
+        summary.seconds = time.perf_counter() - started
+    return summary
