@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Several nodes: run this on every node with the same MASTER_ADDR/MASTER_PORT and its own
+# NODE_RANK. Rank 0 (on node 0) reads the input and writes the output; the wire between
+# rank 0's controller and the other ranks is TCP on MASTER_ADDR's interface.
+#   MASTER_ADDR=node0 NNODES=2 NODE_RANK=0 launch/torchrun_multi_node.sh MODEL IN OUT [flags]
+set -euo pipefail
+model=$1 input=$2 output=$3
+shift 3
+: "${MASTER_ADDR:?set MASTER_ADDR to node 0's address}"
+exec torchrun --nnodes "${NNODES:-2}" --node-rank "${NODE_RANK:?set NODE_RANK}" \
+    --nproc-per-node "${NPROC:-1}" --master-addr "$MASTER_ADDR" \
+    --master-port "${MASTER_PORT:-29500}" \
+    -m tp_engine batch "$model" -i "$input" -o "$output" "$@"

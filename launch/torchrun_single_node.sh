@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One node, one rank per GPU: rank 0 hosts the controller, the others run the worker loop.
+#   launch/torchrun_single_node.sh MODEL IN.jsonl OUT.jsonl [more tp-engine batch flags]
+# NPROC defaults to the number of GPUs (2 CPU ranks on a machine without one).
+set -euo pipefail
+model=$1 input=$2 output=$3
+shift 3
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nproc=${NPROC:-$(nvidia-smi --list-gpus | wc -l)}
+else
+    nproc=${NPROC:-2}
+fi
+exec torchrun --standalone --nproc-per-node "$nproc" \
+    -m tp_engine batch "$model" -i "$input" -o "$output" "$@"

@@ -1,0 +1,169 @@
+"""Batch jobs: exactly once across SIGKILLs, the same outputs under torchrun (one node and
+two), and SIGTERM (preemption) under torchrun keeps what finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from ranks import free_port
+
+from tp_engine.batch import EXIT_PREEMPTED, read_done
+
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def write_input(path: Path, n: int, max_tokens: int = 12) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            if i % 2:
+                url, body = "/v1/chat/completions", {
+                    "messages": [{"role": "user", "content": f"question {i}"}]}
+            else:
+                url, body = "/v1/completions", {"prompt": f"prompt number {i}"}
+            body.update(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": url,
+                                "body": body}) + "\n")
+        f.write("this line is not json\n")
+        f.write(json.dumps({"custom_id": "bad", "method": "POST", "url": "/v1/completions",
+                            "body": {"prompt": "x", "temperature": -1}}) + "\n")
+    return path
+
+
+def batch_cmd(model: str, inp: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "tp_engine", "batch", model, "--device", "cpu", "-i",
+            str(inp), "-o", str(out), "--no-progress", *extra]
+
+
+def torchrun_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *args, "-m", "tp_engine"]
+
+
+def results(path: Path) -> dict:
+    """custom_id (or the bad line's number) -> what it produced."""
+    out = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        key = record["custom_id"] or f"line {record['error']['line']}"
+        assert key not in out, f"{key} appears twice"
+        if record["response"]:
+            choice = record["response"]["body"]["choices"][0]
+            out[key] = choice.get("text", (choice.get("message") or {}).get("content"))
+        else:
+            out[key] = ("error", record["error"]["code"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("batch")
+    inp = write_input(root / "in.jsonl", 60, max_tokens=24)
+    out = root / "reference.jsonl"
+    subprocess.run(batch_cmd(tiny_model, inp, out, "--tp", "2"), check=True, env=ENV,
+                   timeout=90)
+    return inp, results(out)
+
+
+def test_bad_lines_get_error_records_and_the_rest_completes(reference):
+    _, expect = reference
+    assert len(expect) == 62
+    assert expect["line 61"] == ("error", "invalid_request")
+    assert expect["bad"] == ("error", "invalid_request")
+    assert all(isinstance(expect[f"r{i}"], str) for i in range(60))
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_at_three_random_moments_then_rerun_gives_each_request_once(
+        tiny_model, reference, tmp_path):
+    inp, expect = reference
+    out = tmp_path / "out.jsonl"
+    rng = random.Random(7)
+    for _ in range(3):
+        job = subprocess.Popen(batch_cmd(tiny_model, inp, out, "--tp", "2",
+                                         "--max-in-flight", "4"), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.0, 5.0))
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+        with out.open("ab") as f:  # a torn last line, as a kill in mid-write leaves
+            f.write(b'{"id": "batch_req_torn", "custom_id": "r')
+    done_before = len(read_done(out))
+    subprocess.run(batch_cmd(tiny_model, inp, out, "--tp", "2"), check=True, env=ENV,
+                   timeout=90)
+    assert results(out) == expect
+    assert done_before < len(expect)  # the kills did interrupt the job
+
+
+@pytest.mark.timeout(120)
+def test_torchrun_two_ranks_gives_the_spawned_engine_outputs(tiny_model, reference, tmp_path):
+    inp, expect = reference
+    out = tmp_path / "out.jsonl"
+    cmd = torchrun_cmd("--nproc-per-node", "2", "--master-port", str(free_port()))
+    subprocess.run([*cmd, *batch_cmd(tiny_model, inp, out)[3:]], check=True, env=ENV,
+                   timeout=100, capture_output=True)
+    assert results(out) == expect
+
+
+@pytest.mark.timeout(120)
+def test_two_torchrun_nodes_on_loopback(tiny_model, reference, tmp_path):
+    inp, expect = reference
+    out = tmp_path / "out.jsonl"
+    port = str(free_port())
+    nodes = [subprocess.Popen(
+        [*torchrun_cmd("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+                       "--master-addr", "127.0.0.1", "--master-port", port),
+         *batch_cmd(tiny_model, inp, out if rank == 0 else tmp_path / "never.jsonl")[3:]],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for rank in (0, 1)]
+    assert [n.wait(timeout=100) for n in nodes] == [0, 0]
+    assert results(out) == expect
+    assert not (tmp_path / "never.jsonl").exists()  # only rank 0 writes
+
+
+@pytest.mark.timeout(150)
+def test_sigterm_under_torchrun_keeps_what_finished_and_a_rerun_completes(
+        tiny_model, reference, tmp_path):
+    inp, expect = reference
+    out = tmp_path / "out.jsonl"
+    cmd = [*torchrun_cmd("--nproc-per-node", "2", "--master-port", str(free_port())),
+           *batch_cmd(tiny_model, inp, out, "--max-in-flight", "2")[3:]]
+    job = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size == 0):
+        time.sleep(0.05)
+    tree = [job.pid] + [p.pid for p in psutil.Process(job.pid).children(recursive=True)]
+    job.send_signal(signal.SIGTERM)
+    code = job.wait(timeout=60)
+    time.sleep(0.5)
+    assert not [pid for pid in tree if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert code != 0
+    partial = results(out)
+    assert 0 < len(partial) < len(expect)
+    assert all(expect[k] == v for k, v in partial.items())
+    subprocess.run(cmd, check=True, env=ENV, timeout=100, capture_output=True)
+    assert results(out) == expect
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_exits_with_the_preempted_code(tiny_model, reference, tmp_path):
+    inp, expect = reference
+    out = tmp_path / "out.jsonl"
+    job = subprocess.Popen(batch_cmd(tiny_model, inp, out, "--tp", "2", "--max-in-flight", "2"),
+                           env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not out.exists() or out.stat().st_size == 0):
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=30) == EXIT_PREEMPTED
+    partial = results(out)
+    assert 0 < len(partial) < len(expect)
+    assert all(expect[k] == v for k, v in partial.items())
