@@ -6,7 +6,7 @@
 set -euo pipefail
 model=$1 input=$2 output=$3
 shift 3
-: "${MASTER_ADDR:?set MASTER_ADDR to node 0's address}"
+: "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
 exec torchrun --nnodes "${NNODES:-2}" --node-rank "${NODE_RANK:?set NODE_RANK}" \
     --nproc-per-node "${NPROC:-1}" --master-addr "$MASTER_ADDR" \
     --master-port "${MASTER_PORT:-29500}" \

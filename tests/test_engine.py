@@ -172,3 +172,10 @@ def test_async_engine_serves_many_concurrent_requests(tiny_model):
             return texts, again
     texts, again = asyncio.run(main())
     assert len(texts) == 24 and again == texts[3]
+
+
+def test_from_config_reads_the_yaml_keys(tiny_model):
+    with Engine.from_config("configs/tiny.yaml", model=tiny_model, max_num_seqs=8) as engine:
+        assert engine.config.tensor_parallel_size == 2
+        assert engine.config.max_num_seqs == 8
+        assert engine.generate("hi", GREEDY)[0].finish_reason == "length"
