@@ -4,6 +4,7 @@ chunked prefill and preemption give each request exactly what it gets alone."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from checkpoints import greedy, reference
@@ -175,7 +176,8 @@ def test_async_engine_serves_many_concurrent_requests(tiny_model):
 
 
 def test_from_config_reads_the_yaml_keys(tiny_model):
-    with Engine.from_config("configs/tiny.yaml", model=tiny_model, max_num_seqs=8) as engine:
+    path = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+    with Engine.from_config(path, model=tiny_model, max_num_seqs=8) as engine:
         assert engine.config.tensor_parallel_size == 2
         assert engine.config.max_num_seqs == 8
         assert engine.generate("hi", GREEDY)[0].finish_reason == "length"

@@ -100,6 +100,17 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tp_engine.serve.server import ServeOptions, run
+
+    kwargs = engine_kwargs(args)
+    options = ServeOptions(
+        served_name=args.served_model_name or args.model or kwargs["model"], host=args.host,
+        port=args.port, drain_timeout=args.drain_timeout, max_waiting=args.max_waiting,
+        log_level=args.log_level, access_log=not args.no_access_log)
+    return run(options, kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tp-engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("--max-in-flight", type=int, default=64)
     batch.add_argument("--no-progress", action="store_true")
     batch.set_defaults(run=cmd_batch)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_engine_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                       help="on SIGTERM/SIGINT, seconds in-flight requests may take to finish")
+    serve.add_argument("--max-waiting", type=int, default=None, metavar="N",
+                       help="refuse (429) new requests while N are waiting to be scheduled")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients use (default: MODEL as given)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--no-access-log", action="store_true")
+    serve.set_defaults(run=cmd_serve)
 
     tiny = sub.add_parser("make-tiny-model", help="write a small random checkpoint")
     tiny.add_argument("dir")
