@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,12 @@ class EngineConfig:
 
 
 def _cuda_available() -> bool:
-    import torch  # asking creates no CUDA context in the controller
-
-    return torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != ""
+    """Without importing torch (a second the controller need not pay) unless it is loaded:
+    an NVIDIA driver and some visible device mean the workers will find a GPU."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.cuda.is_available()
+    return os.path.exists("/proc/driver/nvidia/version")
 

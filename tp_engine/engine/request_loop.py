@@ -13,6 +13,7 @@ import threading
 from array import array
 from collections import deque
 from collections.abc import Callable
+from multiprocessing.connection import wait as wait_any
 
 import zmq
 
@@ -24,6 +25,7 @@ from tp_engine.engine.worker_group import WorkerGroup
 from tp_engine.errors import EngineError, EngineTerminatedError, WorkerDiedError
 
 log = logging.getLogger("tp_engine.request_loop")
+DEATH_NOTICE_S = 0.5
 
 
 class _Stopping(Exception):
@@ -160,10 +162,18 @@ class RequestLoop:
                 if isinstance(msg, wire.StepDone) and msg.step_id == step_id:
                     return msg.token_ids
                 if isinstance(msg, wire.StepFailed):
-                    raise EngineError(f"worker rank {msg.rank} failed step {msg.step_id}: "
-                                      f"{msg.error}")
+                    raise self._step_failure(msg)
             if step_id is None:
                 return []
+
+    def _step_failure(self, msg: wire.StepFailed) -> EngineError:
+        """A rank whose peer died fails its collective at the moment the peer dies, often
+        before the death's sentinel is seen: wait briefly for it, and name the dead one."""
+        wait_any(self.group.sentinels, timeout=DEATH_NOTICE_S)
+        dead = self.group.dead()
+        if dead:
+            return WorkerDiedError(*dead[0])
+        return EngineError(f"worker rank {msg.rank} failed step {msg.step_id}: {msg.error}")
 
     def _apply(self, batch: list[tuple[Sequence, int]], tokens: list[int]) -> StepOutputs:
         outputs: StepOutputs = []

@@ -17,7 +17,6 @@ from tp_engine import wire
 from tp_engine.config import EngineConfig
 from tp_engine.engine.lifecycle import Deadline
 from tp_engine.engine.worker_group import WorkerGroup
-from tp_engine.worker.distributed import destroy_distributed, share_string
 from tp_engine.worker.main import WorkerArgs, serve
 from tp_engine.worker.parent_watch import watch_parent
 
@@ -27,6 +26,8 @@ SIGTERM_GRACE_S = 15.0
 
 class TorchrunGroup(WorkerGroup):
     def start(self) -> None:
+        from tp_engine.worker.distributed import share_string
+
         share_string(self.endpoint, self.config.device)
         args = WorkerArgs(self.config, 0, self.size, self.endpoint, "env://", os.getpid(),
                           owns_group=False)
@@ -51,6 +52,8 @@ class TorchrunGroup(WorkerGroup):
             log.warning("ranks %s did not say goodbye in time", sorted(waiting))
         if hasattr(self, "local"):
             self.local.join(deadline.left())
+        from tp_engine.worker.distributed import destroy_distributed
+
         destroy_distributed()
 
 
@@ -73,6 +76,8 @@ def serve_rank(config: EngineConfig, rank: int, world_size: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_later)
     watch_parent(None, os.getppid())
+    from tp_engine.worker.distributed import share_string
+
     endpoint = share_string(None, config.device)
     return serve(WorkerArgs(config, rank, world_size, endpoint, "env://", os.getppid()))
 

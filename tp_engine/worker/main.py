@@ -1,8 +1,9 @@
 """The worker process: one per rank. Joins the process group, loads its shard, reports READY,
 then runs the steps it is sent until SHUTDOWN, and leaves with os._exit once clean.
 
-Imported by the forkserver before any engine exists, so that torch is loaded once and a worker
-starts in milliseconds."""
+torch is imported only where the work is done (the forkserver preloads it with the model
+runner), so that the controller, which imports this module for the entry point, never pays
+for it."""
 
 from __future__ import annotations
 
@@ -13,13 +14,11 @@ import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-import torch  # noqa: F401  (preloaded by the forkserver)
 import zmq
 
 from tp_engine import wire
 from tp_engine.config import EngineConfig
 from tp_engine.model.config import ModelConfig
-from tp_engine.worker.distributed import destroy_distributed, init_distributed
 from tp_engine.worker.parent_watch import watch_parent
 
 log = logging.getLogger("tp_engine.worker")
@@ -38,7 +37,9 @@ class WorkerArgs:
 
 def worker_main(args: WorkerArgs, alive: Connection | None) -> None:
     """Entry of a spawned worker. Never returns: the process leaves with os._exit."""
-    # Ctrl-C reaches the whole process group; the controller decides how workers stop.
+    # Signals sent to the controller's process group (Ctrl-C, `timeout`, systemd) are the
+    # controller's to handle: a worker stops when told, or when its controller is gone.
+    os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     watch_parent(alive, args.controller_pid)
     os._exit(serve(args))
@@ -61,6 +62,8 @@ def serve(args: WorkerArgs) -> int:
                                          param_bytes=runner.param_bytes)))
         _loop(args.rank, sock, runner)
         if args.owns_group:
+            from tp_engine.worker.distributed import destroy_distributed
+
             destroy_distributed()
         _send_last(sock, wire.Goodbye(rank=args.rank))
         return 0
@@ -70,6 +73,7 @@ def serve(args: WorkerArgs) -> int:
 
 
 def _load(args: WorkerArgs):
+    from tp_engine.worker.distributed import init_distributed
     from tp_engine.worker.model_runner import ModelRunner
 
     cfg = args.config
