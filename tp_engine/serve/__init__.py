@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: `tp-engine serve MODEL` (see server.py)."""

@@ -1,0 +1,124 @@
+"""One HTTP request's life in the engine: checked, submitted, streamed, measured, and always
+closed. Streamed and whole responses both read the engine's chunk stream, so timing, token
+counts, client disconnects and shutdown aborts work the same for both."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tp_engine.engine.async_engine import AsyncStream
+from tp_engine.engine.openai_api import (
+    PreparedRequest,
+    prepare_chat,
+    prepare_completion,
+    sampling_params,
+)
+from tp_engine.engine.request import AsyncSink
+from tp_engine.serve.errors import APIError, from_exception, unavailable
+from tp_engine.serve.protocol import ChatCompletionRequest, CompletionRequest
+from tp_engine.serve.state import ServerState
+
+
+class Job:
+    def __init__(self, server: ServerState, endpoint: str, body: Any, arrived: float):
+        self.server, self.endpoint, self.arrived = server, endpoint, arrived
+        fields = set(type(body).model_fields)
+        try:
+            self.core = core = server.admit(body.model).core
+            params = sampling_params(**body.sampling_args())
+            if isinstance(body, ChatCompletionRequest):
+                request = prepare_chat(core, body.template_messages(), body.model, params)
+            else:
+                request = prepare_completion(core, body.prompt, body.model, params)
+            self._check_context(request)
+            # submitted here rather than by the engine's create(), to check the context first
+            self.state = core.submit(request.prompt_ids, request.params,
+                                     AsyncSink(asyncio.get_running_loop()), request.prompt,
+                                     request.request_id)
+        except Exception as e:
+            error = from_exception(e, fields)
+            server.metrics.rejected.labels(str(error.status)).inc()
+            raise error from e
+        self.request = request
+        self.stream = AsyncStream(core, self.state, request, body.include_usage)
+        self.aborted_by_server = False
+        self.error: BaseException | None = None
+        self._counted, self._first, self._last = 0, 0.0, 0.0
+        server.jobs.add(self)
+        server.metrics.prompt_tokens.inc(len(request.prompt_ids))
+
+    def _check_context(self, request: PreparedRequest) -> None:
+        """OpenAI refuses a prompt plus max_tokens over the context; the engine alone would
+        cut the output short with finish_reason "length"."""
+        limit = self.core.config.max_model_len
+        prompt, wanted = len(request.prompt_ids), request.params.max_tokens or 1
+        if prompt + wanted > limit:
+            where = "messages" if request.kind == "chat" else "prompt"
+            raise APIError(
+                400, f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {prompt + wanted} tokens ({prompt} in the {where}, {wanted} in "
+                f"the completion). Please reduce the length of the {where} or completion.",
+                param=where, code="context_length_exceeded")
+
+    async def chunks(self) -> AsyncIterator[Any]:
+        """The engine's chunks, measured on the way. However it ends (done, an error, the
+        client gone, the task cancelled), the stream is closed, which aborts the request if it
+        is still running and so frees its KV blocks at once."""
+        try:
+            async for chunk in self.stream:
+                self._measure()
+                yield chunk
+        except Exception as e:  # the engine's error for this request (a worker died...)
+            self.error = e
+            raise
+        finally:
+            self.stream.close()
+            self._finish()
+
+    def _measure(self) -> None:
+        n = len(self.state.output.token_ids)
+        if n > self._counted:
+            now = time.perf_counter()
+            if self._counted == 0:
+                self._first = now
+                self.server.metrics.ttft.observe(now - self.arrived)
+            self._last = now
+            self.server.metrics.generation_tokens.inc(n - self._counted)
+            self._counted = n
+
+    def _finish(self) -> None:
+        if self not in self.server.jobs:
+            return
+        self.server.jobs.discard(self)
+        self._measure()
+        metrics = self.server.metrics
+        reason = "error" if self.error else self.state.output.finish_reason or "abort"
+        metrics.requests.labels(self.endpoint, reason).inc()
+        if self._counted:
+            metrics.e2e.observe(self._last - self.arrived)
+        if self._counted > 1:
+            metrics.tpot.observe((self._last - self._first) / (self._counted - 1))
+
+    def abort(self) -> None:
+        """Shutdown: end the request now. Its consumer still gets a last chunk with
+        finish_reason "abort" (unlike close(), which ends the stream silently)."""
+        if not self.state.finished:  # a request that has just finished keeps its output
+            self.aborted_by_server = True
+            self.core.abort(self.state)
+
+    async def result(self) -> dict[str, Any]:
+        """The whole response, as a non-streamed request gets it."""
+        async for _ in self.chunks():
+            pass
+        if self.aborted_by_server:
+            raise unavailable("the server is shutting down: request aborted")
+        return self.request.response(self.state.output).to_dict()
+
+
+def new_job(server: ServerState, body: ChatCompletionRequest | CompletionRequest,
+            arrived: float) -> Job:
+    endpoint = "chat" if isinstance(body, ChatCompletionRequest) else "completions"
+    return Job(server, endpoint, body, arrived)

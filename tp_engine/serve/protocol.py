@@ -1,0 +1,134 @@
+"""The request bodies of the OpenAI endpoints as pydantic models: a wrong type, an unknown field
+or an unsupported feature is a 400 naming the field before anything reaches the engine. Value
+ranges (temperature, top_p, max_tokens...) are left to SamplingParams.validate, so that they
+are checked in one place for the Python API and the server alike."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Request(BaseModel):
+    """What chat and plain completions share (OpenAI's fields, then vLLM's extras)."""
+
+    # OpenAI answers an unknown argument with a 400 rather than ignoring it: so do we
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    top_k: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, value: float | None) -> float | None:
+        # the sampler has no penalties: refuse rather than silently ignore them
+        if value:
+            raise ValueError("is not supported (only 0)")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def sampling_args(self) -> dict[str, Any]:
+        """Keyword arguments for tp_engine.engine.openai_api.sampling_params."""
+        extra: dict[str, Any] = {"n": self.n, "ignore_eos": self.ignore_eos}
+        if self.top_k is not None:
+            extra["top_k"] = self.top_k
+        if self.stop_token_ids is not None:
+            extra["stop_token_ids"] = self.stop_token_ids
+        return dict(max_tokens=self.effective_max_tokens(), temperature=self.temperature,
+                    top_p=self.top_p, seed=self.seed, stop=self.stop, extra=extra)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    # extra fields (name, tool_calls...) are kept: the chat template may use them
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[TextPart] | None = None
+
+    def to_template(self) -> dict[str, Any]:
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):  # text parts read as one text, as in vLLM
+            message["content"] = "\n".join(part.text for part in self.content)
+        return message
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("is not supported")
+        return value
+
+    def effective_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.to_template() for m in self.messages]
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for plain completions
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("echo", "logprobs", "suffix")
+    @classmethod
+    def _unsupported(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("is not supported")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_best(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("must be 1")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> str | list[int]:
+        # the client may wrap a single prompt in a list; several prompts are not supported
+        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
+            if len(value) != 1:
+                raise ValueError("only one prompt per request is supported")
+            return value[0]
+        return value
