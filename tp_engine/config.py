@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from tp_engine.model.builtin import resolve_model
 from tp_engine.model.config import ModelConfig
 
 DEVICES = ("auto", "cuda", "cpu")
+AUTH_KEY_ENV = "TP_ENGINE_AUTH_KEY"  # the shared secret of the ranks of a multi-node job
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -35,6 +37,7 @@ class EngineConfig:
     startup_timeout: float = 120.0
     terminate_timeout: float = 5.0
     host: str | None = None                  # bind the control socket on TCP here, else IPC
+    auth_key: str | None = field(default=None, repr=False)  # hex HMAC secret for TCP frames
 
     def __post_init__(self) -> None:
         self.model = resolve_model(str(self.model))
@@ -58,6 +61,13 @@ class EngineConfig:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={limit}")
         self.max_model_len = self.max_model_len or limit
+        if self.host is not None and self.auth_key is None:
+            self.auth_key = os.environ.get(AUTH_KEY_ENV) or secrets.token_hex(32)
+
+    @property
+    def auth_key_bytes(self) -> bytes | None:
+        """The HMAC key of TCP frames; None on IPC."""
+        return bytes.fromhex(self.auth_key) if self.host is not None else None
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> EngineConfig:

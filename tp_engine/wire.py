@@ -3,11 +3,15 @@ the ZeroMQ socket set-up. Nothing here ever unpickles; a frame that is not one o
 messages raises WireError, which receivers log and drop.
 
 A frame is the msgpack array [VERSION, tag, *fields]. Token ids travel as raw int32 bytes.
+Over TCP every frame is preceded by its HMAC-SHA256 under a secret the ranks share, so a peer
+without the secret is refused; over IPC the private 0700 directory keeps strangers out.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import os
 import tempfile
 from dataclasses import dataclass
@@ -127,6 +131,40 @@ def decode(frame: bytes) -> Message:
             raise WireError(f"{cls.__name__}.{f.name} must be {f.type}, "
                             f"got {type(value).__name__}")
     return cls(*values)
+
+
+# --- links: a socket and the key its frames are signed with ---------------------------------
+
+class Link:
+    def __init__(self, sock: zmq.Socket, key: bytes | None):
+        self.sock, self.key = sock, key
+
+    def frames(self, msg: Message) -> list[bytes]:
+        payload = encode(msg)
+        return [payload] if self.key is None else [_mac(self.key, payload), payload]
+
+    def send(self, msg: Message, flags: int = 0) -> None:
+        self.sock.send_multipart(self.frames(msg), flags=flags)
+
+    def recv(self) -> tuple[bytes | None, Message]:
+        """(the sender's identity on a ROUTER, else None; the message). Raises WireError for
+        a frame that is malformed or not signed with our key, after receiving it whole."""
+        frames = self.sock.recv_multipart()
+        sender = frames.pop(0) if self.sock.type == zmq.ROUTER else None
+        return sender, self.open(frames)
+
+    def open(self, frames: list[bytes]) -> Message:
+        if self.key is None:
+            if len(frames) != 1:
+                raise WireError(f"expected one frame, got {len(frames)}")
+            return decode(frames[0])
+        if len(frames) != 2 or not hmac.compare_digest(frames[0], _mac(self.key, frames[1])):
+            raise WireError("refused a frame without a valid HMAC (a peer without the secret)")
+        return decode(frames[1])
+
+
+def _mac(key: bytes, payload: bytes) -> bytes:
+    return hmac.new(key, payload, hashlib.sha256).digest()
 
 
 # --- sockets -------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import socket
 import threading
 
 from tp_engine import wire
-from tp_engine.config import EngineConfig
+from tp_engine.config import AUTH_KEY_ENV, EngineConfig
 from tp_engine.engine.lifecycle import Deadline
 from tp_engine.engine.worker_group import WorkerGroup
 from tp_engine.worker.main import WorkerArgs, serve
@@ -28,7 +28,10 @@ class TorchrunGroup(WorkerGroup):
     def start(self) -> None:
         from tp_engine.worker.distributed import share_string
 
-        share_string(self.endpoint, self.config.device)
+        # the other ranks need the address and, unless $TP_ENGINE_AUTH_KEY gave every node the
+        # secret already, the HMAC secret too (then it crosses the process group's network)
+        shared = "" if os.environ.get(AUTH_KEY_ENV) else self.config.auth_key
+        share_string(f"{self.endpoint} {shared}", self.config.device)
         args = WorkerArgs(self.config, 0, self.size, self.endpoint, "env://", os.getpid(),
                           owns_group=False)
         self.local = threading.Thread(target=serve, args=(args,), name="tp-engine-rank-0",
@@ -78,7 +81,8 @@ def serve_rank(config: EngineConfig, rank: int, world_size: int) -> int:
     watch_parent(None, os.getppid())
     from tp_engine.worker.distributed import share_string
 
-    endpoint = share_string(None, config.device)
+    endpoint, _, key = share_string(None, config.device).partition(" ")
+    config.auth_key = key or config.auth_key
     return serve(WorkerArgs(config, rank, world_size, endpoint, "env://", os.getppid()))
 
 

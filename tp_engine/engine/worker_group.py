@@ -39,6 +39,7 @@ class WorkerGroup:
         self.ctx = zmq.Context()
         self.router, self.endpoint = wire.bind_router(
             self.ctx, wire.control_endpoint(ipc_dir, config.host))
+        self.link = wire.Link(self.router, config.auth_key_bytes)
         self.procs: list[mp.process.BaseProcess] = []
         self._alive_writers = []
         self.ready: dict[int, wire.Ready] = {}
@@ -89,18 +90,17 @@ class WorkerGroup:
 
     def recv(self) -> wire.Message | None:
         """One message from any worker; None for a malformed frame (logged and dropped)."""
-        frames = self.router.recv_multipart()
         try:
-            return wire.decode(frames[-1])
+            return self.link.recv()[1]
         except wire.WireError as e:
-            log.warning("dropped a malformed frame from %r: %s", frames[0], e)
+            log.warning("dropped a frame: %s", e)
             return None
 
     def broadcast(self, msg: wire.Message) -> None:
-        frame = wire.encode(msg)
+        frames = self.link.frames(msg)
         for rank in range(self.size):
             try:
-                self.router.send_multipart([wire.identity(rank), frame], copy=False)
+                self.router.send_multipart([wire.identity(rank), *frames], copy=False)
             except zmq.ZMQError:  # that worker is gone; its sentinel reports it
                 pass
 

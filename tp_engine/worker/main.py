@@ -49,23 +49,23 @@ def serve(args: WorkerArgs) -> int:
     """Load, report, run the loop; return the exit code. Also the torchrun worker entry."""
     ctx = zmq.Context()
     sock = wire.connect_dealer(ctx, args.endpoint, args.rank)
+    link = wire.Link(sock, args.config.auth_key_bytes)
     try:
         try:
             runner = _load(args)
         except BaseException as e:  # report every failure, KeyboardInterrupt included
             detail = f"{type(e).__name__}: {e}"
             log.debug("rank %d failed to load:\n%s", args.rank, traceback.format_exc())
-            _send_last(sock, wire.LoadFailed(rank=args.rank, error=detail))
+            _send_last(link, wire.LoadFailed(rank=args.rank, error=detail))
             return 1
-        sock.send(wire.encode(wire.Ready(rank=args.rank, pid=os.getpid(),
-                                         num_kv_blocks=runner.num_blocks,
-                                         param_bytes=runner.param_bytes)))
-        _loop(args.rank, sock, runner)
+        link.send(wire.Ready(rank=args.rank, pid=os.getpid(), num_kv_blocks=runner.num_blocks,
+                             param_bytes=runner.param_bytes))
+        _loop(args.rank, link, runner)
         if args.owns_group:
             from tp_engine.worker.distributed import destroy_distributed
 
             destroy_distributed()
-        _send_last(sock, wire.Goodbye(rank=args.rank))
+        _send_last(link, wire.Goodbye(rank=args.rank))
         return 0
     finally:
         sock.close()  # LINGER is 0 but for a last message (see _send_last)
@@ -84,11 +84,10 @@ def _load(args: WorkerArgs):
     return ModelRunner(cfg, tp, dtype)
 
 
-def _loop(rank: int, sock: zmq.Socket, runner) -> None:
+def _loop(rank: int, link: wire.Link, runner) -> None:
     while True:
-        frame = sock.recv()
         try:
-            msg = wire.decode(frame)
+            _, msg = link.recv()
         except wire.WireError as e:
             log.warning("rank %d dropped a malformed frame: %s", rank, e)
             continue
@@ -101,17 +100,17 @@ def _loop(rank: int, sock: zmq.Socket, runner) -> None:
             tokens = runner.step(msg)
         except Exception as e:
             log.error("rank %d failed step %d: %s", rank, msg.step_id, e)
-            sock.send(wire.encode(wire.StepFailed(rank=rank, step_id=msg.step_id,
-                                                  error=f"{type(e).__name__}: {e}")))
+            link.send(wire.StepFailed(rank=rank, step_id=msg.step_id,
+                                      error=f"{type(e).__name__}: {e}"))
             continue
         if rank == 0:
-            sock.send(wire.encode(wire.StepDone(step_id=msg.step_id, token_ids=tokens or [])))
+            link.send(wire.StepDone(step_id=msg.step_id, token_ids=tokens or []))
 
 
-def _send_last(sock: zmq.Socket, msg: wire.Message) -> None:
+def _send_last(link: wire.Link, msg: wire.Message) -> None:
     """A last message must reach the controller even though the socket closes right after."""
-    sock.setsockopt(zmq.LINGER, 1000)
+    link.sock.setsockopt(zmq.LINGER, 1000)
     try:
-        sock.send(wire.encode(msg), flags=zmq.NOBLOCK)
+        link.send(msg, flags=zmq.NOBLOCK)
     except zmq.ZMQError:
         pass
