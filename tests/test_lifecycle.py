@@ -7,6 +7,7 @@ threads, file descriptors, child processes and IPC files exactly as they were.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ import psutil
 import pytest
 from conftest import snapshot
 
-from tp_engine import Engine, SamplingParams
+from tp_engine import AsyncEngine, Engine, SamplingParams
 from tp_engine.errors import (
     ConfigError,
     EngineError,
@@ -99,7 +100,7 @@ class Background:
     def _run(self, fn, args, kwargs):
         try:
             self.result = fn(*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001  (the test inspects it)
+        except BaseException as e:  # the test inspects it
             self.error = e
         finally:
             self.done_at = time.monotonic()
@@ -303,36 +304,77 @@ def test_terminate_wakes_a_chat_stream_consumer(warm, baseline):
     assert_back_to(baseline)
 
 
+@pytest.mark.timeout(60)
+def test_terminate_wakes_an_async_stream_consumer(warm, baseline):
+    e = AsyncEngine(warm, tensor_parallel_size=TP, device="cpu")
+    pids = e.worker_pids
+    chunks = []
+
+    async def consume():
+        stream = await e.chat.completions.create(
+            messages=[{"role": "user", "content": "Tell a story"}], max_tokens=400,
+            temperature=0, ignore_eos=True, stream=True)
+        async for chunk in stream:
+            chunks.append(chunk)
+
+    consumer = Background(asyncio.run, consume())
+    deadline = time.monotonic() + 10
+    while len(chunks) < 5:
+        assert time.monotonic() < deadline and consumer.done_at is None, repr(consumer.error)
+        time.sleep(0.01)
+    asked_at = time.monotonic()
+    e.terminate()
+    consumer.join(5)
+    assert isinstance(consumer.error, EngineTerminatedError), repr(consumer.error)
+    assert consumer.done_at - asked_at < 1.0
+    assert e.state == "terminated"
+    assert wait_all_dead(pids, 0) == []
+    del consumer
+    assert_back_to(baseline)
+
+
 # --- 4. a worker dies mid-generation --------------------------------------------------------
 
 @pytest.mark.timeout(60)
 def test_worker_sigkilled_mid_generation(warm, baseline):
-    e = engine(warm)
-    pids = e.worker_pids
-    caller = Background(e.generate, LONG_PROMPTS, LONG)
-    time.sleep(0.5)
-    assert caller.done_at is None, "the generate finished too soon"
-    os.kill(pids[1], signal.SIGKILL)
-    killed_at = time.monotonic()
-    caller.join(5)
-    assert caller.done_at - killed_at < 1.0
-    assert isinstance(caller.error, WorkerDiedError), repr(caller.error)
-    assert caller.error.rank == 1 and caller.error.exitcode == -signal.SIGKILL
-    assert e.state == "failed"
-    with pytest.raises(WorkerDiedError):
-        e.generate("hello", SHORT)
-    with pytest.raises(WorkerDiedError):
-        e.chat.completions.create(messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    """The surviving rank's collective fails at the same moment (its peer is gone), and that
+    failure races the death notice: whichever comes first, the caller must get WorkerDiedError.
+    Several rounds, killing rank 1 and rank 0 in turn, so that a lost race shows."""
+    for attempt in range(6):
+        kill_mid_generation(warm, rank=1 - attempt % 2, attempt=attempt)
+        assert_back_to(baseline)
 
-    start = time.monotonic()
-    e.terminate()
-    took = time.monotonic() - start
+
+def kill_mid_generation(model: str, rank: int, attempt: int) -> None:
+    e = engine(model)
+    pids = e.worker_pids
+    try:
+        caller = Background(e.generate, LONG_PROMPTS, LONG)
+        time.sleep(0.3)
+        assert caller.done_at is None, "the generate finished too soon"
+        os.kill(pids[rank], signal.SIGKILL)
+        killed_at = time.monotonic()
+        caller.join(5)
+        where = f"attempt {attempt}, killed rank {rank}: {caller.error!r}"
+        assert caller.done_at - killed_at < 1.0, where
+        assert isinstance(caller.error, WorkerDiedError), where
+        assert caller.error.rank == rank, where
+        assert caller.error.exitcode == -signal.SIGKILL, where
+        assert f"rank {rank}" in str(caller.error), where
+        assert e.state == "failed"
+        with pytest.raises(WorkerDiedError):
+            e.generate("hello", SHORT)
+        with pytest.raises(WorkerDiedError):
+            e.chat.completions.create(messages=[{"role": "user", "content": "hi"}],
+                                      max_tokens=4)
+    finally:
+        start = time.monotonic()
+        e.terminate()
+        took = time.monotonic() - start
     assert e.state == "terminated"
-    assert took < e.config.terminate_timeout + 3.0  # bounded by its timeout, plus SIGTERM/KILL
+    assert took < e.config.terminate_timeout + 3.0  # its timeout, then SIGTERM and SIGKILL
     assert wait_all_dead(pids, 0) == []
     e.terminate()  # still idempotent
-    del caller
-    assert_back_to(baseline)
 
 
 @pytest.mark.timeout(60)
@@ -387,7 +429,7 @@ def test_terminate_is_bounded_when_a_worker_hangs(warm, baseline):
 
 SIGKILLED_CONTROLLER = """
     import json, sys
-    from tp_engine import Engine, SamplingParams
+    from tp_engine import AsyncEngine, Engine, SamplingParams
 
     if __name__ == "__main__":
         engine = Engine(sys.argv[1], tensor_parallel_size=2, device="cpu")
@@ -399,7 +441,7 @@ SIGKILLED_CONTROLLER = """
 
 NO_TERMINATE = """
     import json, sys
-    from tp_engine import Engine, SamplingParams
+    from tp_engine import AsyncEngine, Engine, SamplingParams
 
     if __name__ == "__main__":
         engine = Engine(sys.argv[1], tensor_parallel_size=2, device="cpu")

@@ -16,6 +16,7 @@ log = logging.getLogger("tp_engine.lifecycle")
 
 class Deadline:
     def __init__(self, seconds: float):
+        self.seconds = seconds
         self.at = time.monotonic() + seconds
 
     def left(self, floor: float = 0.0) -> float:

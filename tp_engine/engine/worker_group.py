@@ -118,11 +118,13 @@ class WorkerGroup:
                 if not proc.is_alive()]
 
     def reap(self, deadline: Deadline, grace: bool = True) -> None:
-        """Wait for the workers to leave; past the deadline SIGTERM, then SIGKILL. Only our
-        own children are ever signalled."""
+        """Wait for the workers to leave; then SIGTERM, then SIGKILL, all within the deadline
+        (the last quarter of it, at most a second, is kept for the signals). Only our own
+        children are ever signalled."""
         started = [p for p in self.procs if p.pid is not None]
-        while grace and deadline.left() > 0 and any(p.is_alive() for p in started):
-            wait_any([p.sentinel for p in started if p.is_alive()], timeout=deadline.left())
+        reserve = min(1.0, deadline.seconds / 4)
+        if grace:
+            _wait_all(started, deadline.left() - reserve)
         for signal_name in ("terminate", "kill"):
             alive = [p for p in started if p.is_alive()]
             if not alive:
@@ -130,9 +132,8 @@ class WorkerGroup:
             log.warning("%s worker pids %s", signal_name, [p.pid for p in alive])
             for p in alive:
                 getattr(p, signal_name)()
-            wait_any([p.sentinel for p in alive], timeout=1.0)
-        for p in started:
-            p.join(timeout=1.0)
+            share = deadline.left() / 2 if signal_name == "terminate" else deadline.left()
+            _wait_all(alive, max(share, 0.05))
         for writer in self._alive_writers:
             writer.close()
         self._alive_writers.clear()
@@ -143,3 +144,16 @@ class WorkerGroup:
         for p in self.procs:
             if p.exitcode is not None:
                 p.close()
+
+
+def _wait_all(procs: list[mp.process.BaseProcess], seconds: float) -> None:
+    """Until every process is reaped, or `seconds` pass. A sentinel can fire a moment before
+    the exit status can be collected, hence the short joins."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        alive = [p for p in procs if p.is_alive()]
+        if not alive:
+            return
+        wait_any([p.sentinel for p in alive], timeout=max(0.0, end - time.monotonic()))
+        for p in alive:
+            p.join(0.01)
