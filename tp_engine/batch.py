@@ -128,8 +128,10 @@ class Writer:
             data = data[os.write(self.fd, data):]
 
     def close(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
 
 
 async def run_batch(engine, input_path: Path, output_path: Path, max_in_flight: int = 64,
@@ -145,7 +147,7 @@ async def run_batch(engine, input_path: Path, output_path: Path, max_in_flight: 
     bar = tqdm(total=summary.total, desc="batch", unit="req", disable=not progress)
     slots = asyncio.Semaphore(max_in_flight)
     tasks: set[asyncio.Task] = set()
-    fatal: list[EngineError] = []
+    fatal: list[BaseException] = []
     started = time.perf_counter()
 
     def finish(record: dict[str, Any], tokens: int = 0) -> None:
@@ -166,8 +168,8 @@ async def run_batch(engine, input_path: Path, output_path: Path, max_in_flight: 
         except (InvalidRequestError, TypeError) as e:
             finish(error_record(request["custom_id"], "invalid_request", str(e), number))
             summary.failed += 1
-        except EngineError as e:  # the engine itself failed: stop, keep what is done
-            fatal.append(e)
+        except (EngineError, OSError) as e:  # the engine failed or the disk is full: stop,
+            fatal.append(e)                   # keep what is written, redo the rest on rerun
             stop.set()
         finally:
             slots.release()

@@ -92,6 +92,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
         try:
             summary = await run_batch(engine, Path(args.input), Path(args.output),
                                       args.max_in_flight, progress=not args.no_progress)
+        except OSError as e:  # the output cannot be written: say which file, and why
+            print(f"error: cannot write {args.output}: {e}; what is there is kept, "
+                  "rerun to finish", file=sys.stderr)
+            return 1
         finally:
             engine.terminate()
         print(summary.line(), file=sys.stderr)

@@ -18,6 +18,10 @@ from tp_engine.model.parallel import TensorParallel, copy_shard
 
 log = logging.getLogger(__name__)
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read or does not fit the model; names the file."""
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -58,29 +62,40 @@ def load_weights(model: CausalLM, path: str | Path) -> None:
     expected = {(name, shard) for name, shards in expected for shard in shards}
     loaded: set[tuple[str, object]] = set()
     for file in checkpoint_files(path):
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for tensor_name in f.keys():
-                target = _target(model, tensor_name)
-                if target is None:
-                    continue
-                name, shard = target
-                if name not in params:
-                    log.warning("%s: tensor %s has no place in the model; skipped",
-                                file.name, tensor_name)
-                    continue
-                param = params[name]
-                try:
-                    loader = getattr(param, "weight_loader", load_replicated)
-                    loader(param, f.get_slice(tensor_name), shard)
-                except ValueError as e:
-                    raise ValueError(f"{file}: tensor {tensor_name}: {e}") from None
-                loaded.add((name, shard))
+        try:
+            loaded |= _load_file(model, file, params)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a corrupt or unreadable file: name it
+            raise CheckpointError(f"{file}: {type(e).__name__}: {e}") from None
     if model.config.tie_word_embeddings:
         loaded |= {(n, s) for n, s in expected if n == "lm_head.weight"}
     missing = sorted(f"{n}" + (f"[{s}]" if s is not None else "") for n, s in expected - loaded)
     if missing:
-        raise ValueError(f"checkpoint {path} lacks tensors for: {', '.join(missing[:8])}"
-                         + (" ..." if len(missing) > 8 else ""))
+        raise CheckpointError(f"checkpoint {path} lacks tensors for: {', '.join(missing[:8])}"
+                              + (" ..." if len(missing) > 8 else ""))
+
+
+def _load_file(model: CausalLM, file: Path, params: dict) -> set[tuple[str, object]]:
+    loaded = set()
+    with safe_open(file, framework="pt", device="cpu") as f:
+        for tensor_name in f.keys():
+            target = _target(model, tensor_name)
+            if target is None:
+                continue
+            name, shard = target
+            if name not in params:
+                log.warning("%s: tensor %s has no place in the model; skipped",
+                            file.name, tensor_name)
+                continue
+            param = params[name]
+            loader = getattr(param, "weight_loader", load_replicated)
+            try:
+                loader(param, f.get_slice(tensor_name), shard)
+            except ValueError as e:
+                raise CheckpointError(f"{file}: tensor {tensor_name}: {e}") from None
+            loaded.add((name, shard))
+    return loaded
 
 
 def load_replicated(param: torch.nn.Parameter, source, shard=None) -> None:
