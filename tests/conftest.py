@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
+from pathlib import Path
 
 import psutil
 import pytest
 
 from tp_engine.model.tiny import make_tiny_model, write_tokenizer
+from tp_engine.wire import remove_stale_ipc_dirs
 
 TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=512,
             intermediate_size=128, max_position_embeddings=512)
@@ -55,7 +58,12 @@ def is_multiprocessing_helper(proc: psutil.Process) -> bool:
 
 @pytest.fixture(autouse=True, scope="session")
 def no_worker_left_behind():
+    """After the suite: no worker process, and no IPC directory of ours in the temp dir."""
+    ours = set(Path(tempfile.gettempdir()).glob("tp-engine-*"))
     yield
+    remove_stale_ipc_dirs()  # what the next engine start does: the SIGKILL tests leave some
+    left = set(Path(tempfile.gettempdir()).glob("tp-engine-*")) - ours
+    assert not left, f"IPC directories left behind: {sorted(map(str, left))}"
     # the forkserver and multiprocessing's resource tracker live as long as this process
     workers = [p for p in live_children() if not is_multiprocessing_helper(p)]
     for p in workers:

@@ -13,8 +13,10 @@ import dataclasses
 import hashlib
 import hmac
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import msgpack
@@ -169,9 +171,39 @@ def _mac(key: bytes, payload: bytes) -> bytes:
 
 # --- sockets -------------------------------------------------------------------------------
 
+IPC_PREFIX = "tp-engine-"
+
+
 def private_ipc_dir() -> str:
-    """A fresh directory only this user can enter (mkdtemp makes it 0700)."""
-    return tempfile.mkdtemp(prefix="tp-engine-")
+    """A fresh directory only this user can enter (mkdtemp makes it 0700), named after this
+    process so that one left by a controller killed with SIGKILL can be recognised."""
+    remove_stale_ipc_dirs()
+    return tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
+
+
+def remove_stale_ipc_dirs() -> list[str]:
+    """Remove our IPC directories whose controller is gone (SIGKILL leaves no chance to)."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{IPC_PREFIX}*-*"):
+        pid = path.name[len(IPC_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid.isdigit() or path.stat().st_uid != os.getuid() or pid_alive(int(pid)):
+                continue
+            shutil.rmtree(path)
+            removed.append(str(path))
+        except OSError:
+            continue  # gone already, or not ours to remove
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def control_endpoint(ipc_dir: str | None, host: str | None = None) -> str:

@@ -8,6 +8,8 @@ import signal
 import threading
 from multiprocessing.connection import Connection
 
+from tp_engine.wire import pid_alive
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -21,7 +23,7 @@ def watch_parent(alive: Connection | None, controller_pid: int) -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the pipe alone guards
         pass
-    if os.getppid() != parent or not _alive(controller_pid):
+    if os.getppid() != parent or not pid_alive(controller_pid):
         os._exit(1)
     if alive is not None:
         threading.Thread(target=_exit_on_eof, args=(alive,), name="parent-watch",
@@ -35,12 +37,3 @@ def _exit_on_eof(alive: Connection) -> None:
     except (EOFError, OSError):
         os._exit(1)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
