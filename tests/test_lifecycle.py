@@ -510,6 +510,28 @@ def test_script_without_terminate_exits_cleanly(warm, tmp_path):
     assert leftovers == [], f"IPC directories left: {leftovers}"
 
 
+UNGUARDED = """
+    import sys
+    from tp_engine import Engine, SamplingParams
+
+    engine = Engine(sys.argv[1], tensor_parallel_size=2, device="cpu", start_method=sys.argv[2])
+    out = engine.generate("hello", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    print(len(out[0].token_ids), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_script_with_no_main_guard_read_from_stdin_works(warm, tmp_path, method):
+    """multiprocessing would re-run such a script in every worker; ours do not."""
+    env = dict(os.environ, TMPDIR=str(tmp_path), PYTHONUNBUFFERED="1")
+    done = subprocess.run([sys.executable, "-", warm, method], input=textwrap.dedent(UNGUARDED),
+                          capture_output=True, text=True, env=env, timeout=45)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["4"]
+    assert "failed" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 # --- 7, 8. engine after engine; dropping the last reference ----------------------------------
 
 @pytest.mark.timeout(90)

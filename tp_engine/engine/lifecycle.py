@@ -42,14 +42,22 @@ class Resources:
 
 
 _live: weakref.WeakSet = weakref.WeakSet()
+_hooked = False
 
 
 def track(engine: object) -> None:
     """Terminate `engine` at interpreter exit if it is still alive then."""
+    global _hooked
+    if not _hooked:
+        # atexit runs hooks last-registered first: registered after multiprocessing's own
+        # hook (which SIGTERMs daemonic children), ours shuts the workers down gracefully first
+        import multiprocessing.util  # noqa: F401
+
+        atexit.register(_terminate_live_engines)
+        _hooked = True
     _live.add(engine)
 
 
-@atexit.register
 def _terminate_live_engines() -> None:
     for engine in list(_live):
         engine.terminate()

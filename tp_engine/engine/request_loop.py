@@ -150,9 +150,9 @@ class RequestLoop:
         """Sleep until step `step_id` is done (or, with None, until anything happens)."""
         while True:
             events = dict(self._poller.poll())
-            if len(events) > (self.group.router in events) + (self._waker.fileno() in events):
-                rank, code = self.group.dead()[0] if self.group.dead() else (-1, None)
-                raise WorkerDiedError(rank, code)
+            fired = [s for s in self.group.sentinels if s in events]
+            if fired:
+                raise self.group.died(fired[0])
             if self._waker.fileno() in events:
                 self._waker.drain()
                 if self._stopping:

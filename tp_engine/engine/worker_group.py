@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import multiprocessing.spawn as mp_spawn
 import os
+import threading
 import time
 from multiprocessing.connection import wait as wait_any
 
@@ -21,6 +23,31 @@ from tp_engine.errors import EngineError, WorkerDiedError
 from tp_engine.worker.main import WorkerArgs, worker_main
 
 log = logging.getLogger("tp_engine.workers")
+
+
+_launch_lock = threading.Lock()
+
+
+def _start_without_main(proc: mp.process.BaseProcess) -> None:
+    """Start a worker without re-running the user's main script in it. multiprocessing
+    re-imports __main__ in every child it does not fork, so that functions defined there can
+    be unpickled; a worker needs none of them, and a script without an
+    `if __name__ == "__main__":` guard (or one read from stdin) would otherwise break. The
+    change is confined to our own start() calls, under a lock."""
+    original = mp_spawn.get_preparation_data
+
+    def preparation(name: str) -> dict:
+        data = original(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    with _launch_lock:
+        mp_spawn.get_preparation_data = preparation
+        try:
+            proc.start()
+        finally:
+            mp_spawn.get_preparation_data = original
 
 
 def _context(method: str) -> mp.context.BaseContext:
@@ -56,7 +83,7 @@ class WorkerGroup:
                                name=f"tp-engine-worker-{rank}", daemon=True)
             self.procs.append(proc)
             self._alive_writers.append(writer)
-            proc.start()
+            _start_without_main(proc)
             reader.close()
 
     def wait_ready(self, timeout: float) -> None:
@@ -74,12 +101,14 @@ class WorkerGroup:
             events = dict(poller.poll(deadline.left() * 1000))
             while self.router.poll(0):  # messages first: a LoadFailed says more than a death
                 self._on_startup_message(self.recv())
-            if len(events) > (self.router in events):
+            fired = [s for s in self.sentinels if s in events]
+            if fired:
                 time.sleep(0.05)  # a dying worker's last message may still be in flight
                 while self.router.poll(0):
                     self._on_startup_message(self.recv())
-                rank, code = self.dead()[0]
-                raise WorkerDiedError(rank, code, f"while loading {self.config.model}")
+                error = self.died(fired[0])
+                raise WorkerDiedError(error.rank, error.exitcode,
+                                      f"while loading {self.config.model}")
 
     def _on_startup_message(self, msg: wire.Message | None) -> None:
         if isinstance(msg, wire.Ready):
@@ -112,6 +141,12 @@ class WorkerGroup:
     @property
     def sentinels(self) -> list[int]:
         return [proc.sentinel for proc in self.procs]
+
+    def died(self, sentinel: int) -> WorkerDiedError:
+        """The error for the worker whose sentinel fired; its exit status can lag a moment."""
+        rank = self.sentinels.index(sentinel)
+        self.procs[rank].join(0.5)
+        return WorkerDiedError(rank, self.procs[rank].exitcode)
 
     def dead(self) -> list[tuple[int, int | None]]:
         return [(rank, proc.exitcode) for rank, proc in enumerate(self.procs)
