@@ -289,17 +289,7 @@ def test_terminate_wakes_a_chat_stream_consumer(warm, baseline):
             chunks.append(chunk)
 
     consumer = Background(consume, stream)
-    deadline = time.monotonic() + 10
-    while len(chunks) < 5:
-        assert time.monotonic() < deadline and consumer.done_at is None, repr(consumer.error)
-        time.sleep(0.01)
-    asked_at = time.monotonic()
-    e.terminate()
-    consumer.join(5)
-    assert isinstance(consumer.error, EngineTerminatedError), repr(consumer.error)
-    assert consumer.done_at - asked_at < 1.0
-    assert 5 <= len(chunks) < 400
-    assert wait_all_dead(pids, 0) == []
+    terminate_mid_stream(e, consumer, chunks, pids)
     del consumer
     assert_back_to(baseline)
 
@@ -318,6 +308,13 @@ def test_terminate_wakes_an_async_stream_consumer(warm, baseline):
             chunks.append(chunk)
 
     consumer = Background(asyncio.run, consume())
+    terminate_mid_stream(e, consumer, chunks, pids)
+    del consumer
+    assert_back_to(baseline)
+
+
+def terminate_mid_stream(e, consumer: Background, chunks: list, pids: list[int]) -> None:
+    """Once the consumer has a few chunks, terminate(): it must be woken within a second."""
     deadline = time.monotonic() + 10
     while len(chunks) < 5:
         assert time.monotonic() < deadline and consumer.done_at is None, repr(consumer.error)
@@ -327,10 +324,9 @@ def test_terminate_wakes_an_async_stream_consumer(warm, baseline):
     consumer.join(5)
     assert isinstance(consumer.error, EngineTerminatedError), repr(consumer.error)
     assert consumer.done_at - asked_at < 1.0
+    assert 5 <= len(chunks) < 400
     assert e.state == "terminated"
     assert wait_all_dead(pids, 0) == []
-    del consumer
-    assert_back_to(baseline)
 
 
 # --- 4. a worker dies mid-generation --------------------------------------------------------
