@@ -104,6 +104,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tp_engine.bench import main as bench_main
+
+    return bench_main(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from tp_engine.serve.server import ServeOptions, run
 
@@ -151,6 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument("--no-access-log", action="store_true")
     serve.set_defaults(run=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks: throughput, latency, lifecycle, "
+                           "overhead, memory (markdown tables)")
+    from tp_engine.bench import add_mode_parsers
+
+    add_mode_parsers(bench)
+    bench.set_defaults(run=cmd_bench)
 
     tiny = sub.add_parser("make-tiny-model", help="write a small random checkpoint")
     tiny.add_argument("dir")

@@ -101,20 +101,34 @@ class RequestLoop:
             self.group.send_shutdown()
 
     def _serve(self) -> None:
+        """Keep two steps in flight: while the workers compute one, the next is scheduled,
+        built and already queued in their sockets, so the workers never wait for this thread
+        (its scheduling, the messages, the stream-back handoff all overlap the forward). The
+        next step's tokens that the running step samples travel as placeholders the workers
+        fill in. The price: a sequence that stops (EOS, stop token) computes one extra token,
+        which is dropped."""
+        self.scheduler.max_model_len = self.max_model_len
+        in_flight: deque[tuple[int, list[Sequence]]] = deque()  # (step id, sampled sequences)
         while True:
             self._take_inbox()
-            batch, too_long = self.scheduler.schedule()
-            outputs: StepOutputs = [(s.seq_id, [], "length") for s in too_long]
-            for seq in too_long:
-                self._forget(seq)
-            if batch:
-                step = self._build_step(batch)
+            while len(in_flight) < 2:
+                batch, too_long = self.scheduler.schedule()
+                if too_long:
+                    for seq in too_long:
+                        self._forget(seq)
+                    self.stream_back.queue.put([(s.seq_id, [], "length") for s in too_long])
+                if not batch:
+                    break
+                step, sampled = self._build_step(batch)
                 self.group.broadcast(step)
-                outputs += self._apply(batch, self._await(step.step_id))
+                in_flight.append((step.step_id, sampled))
+            if not in_flight:
+                self._await(None)  # idle: sleep until a request, an abort or a death
+                continue
+            step_id, sampled = in_flight.popleft()
+            outputs = self._apply(sampled, self._await(step_id))
             if outputs:
                 self.stream_back.queue.put(outputs)
-            if not batch:
-                self._await(None)  # idle: sleep until a request, an abort or a death
 
     def _take_inbox(self) -> None:
         if self._stopping:
@@ -131,20 +145,32 @@ class RequestLoop:
         self.scheduler.finish(seq)
         self.seqs.pop(seq.seq_id, None)
 
-    def _build_step(self, batch: list[tuple[Sequence, int]]) -> wire.Step:
-        starts, lens, tables, samples = [], [], [], []
+    def _build_step(self, batch: list[tuple[Sequence, int]]) -> tuple[wire.Step, list[Sequence]]:
+        """The Step for `batch`, advancing each sequence as if the step had run; and the
+        sequences it samples, in sample order. A token still being sampled by the step in
+        flight goes as the placeholder -1 - i: "sample i of the previous step"."""
+        starts, lens, tables, samples, sampled = [], [], [], [], []
         tokens = array("i")
         for index, (seq, n) in enumerate(batch):
             start = seq.num_computed
             starts.append(start)
             lens.append(n)
-            tokens.extend(seq.token_ids[start:start + n])
             tables.append(seq.block_table)
-            if start + n == len(seq.token_ids):
+            tokens.extend(seq.token_ids[start:start + n])
+            known = len(seq.token_ids)
+            if start + n > known:  # the pending token (at most one) ends this chunk
+                tokens.append(-1 - seq.pending_index)
+            seq.num_computed = start + n
+            if start + n == known + seq.pending:  # all computed: sample the next token
                 p = seq.params
+                seq.pending_index = len(samples)
                 samples.append([index, float(p.temperature), float(p.top_p), p.top_k,
-                                -1 if p.seed is None else p.seed, seq.num_output])
-        return wire.Step(next(self._step_ids), starts, lens, tokens.tobytes(), tables, samples)
+                                -1 if p.seed is None else p.seed,
+                                known + seq.pending - seq.prompt_len])
+                seq.pending += 1
+                sampled.append(seq)
+        step = wire.Step(next(self._step_ids), starts, lens, tokens.tobytes(), tables, samples)
+        return step, sampled
 
     def _await(self, step_id: int | None) -> list[int]:
         """Sleep until step `step_id` is done (or, with None, until anything happens)."""
@@ -175,14 +201,12 @@ class RequestLoop:
             return WorkerDiedError(*dead[0])
         return EngineError(f"worker rank {msg.rank} failed step {msg.step_id}: {msg.error}")
 
-    def _apply(self, batch: list[tuple[Sequence, int]], tokens: list[int]) -> StepOutputs:
+    def _apply(self, sampled: list[Sequence], tokens: list[int]) -> StepOutputs:
         outputs: StepOutputs = []
-        sampled = iter(tokens)
-        for seq, n in batch:
-            seq.num_computed += n
-            if seq.num_computed < len(seq.token_ids):
-                continue  # a prefill cut by the token budget: nothing sampled yet
-            token = next(sampled)
+        for seq, token in zip(sampled, tokens):
+            seq.pending -= 1
+            if self.seqs.get(seq.seq_id) is not seq:
+                continue  # finished or aborted while this step ran: its extra token is dropped
             seq.token_ids.append(token)
             reason = self._finish_reason(seq, token)
             if reason is not None:

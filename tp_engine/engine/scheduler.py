@@ -4,7 +4,12 @@ Every sequence is a list of token ids (prompt, then output) of which the first `
 are in the cache. A step gives each scheduled sequence a chunk of its uncomputed tokens: one for
 a decode, many for a prefill, so prefills and decodes share a step, and a long prompt is cut to
 the step's token budget. When the cache is full, the newest running sequence is preempted: its
-blocks are freed and it is recomputed later (its seeded samples repeat exactly)."""
+blocks are freed and it is recomputed later (its seeded samples repeat exactly).
+
+The request loop keeps two steps in flight, so the next step is scheduled before the tokens of
+the one running are known: a sequence's `pending` token (sampled by the step in flight, not yet
+received) counts as part of it, and the worker fills it in. `num_computed` counts what the
+steps sent so far will have computed."""
 
 from __future__ import annotations
 
@@ -24,6 +29,8 @@ class Sequence:
     max_tokens: int
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
+    pending: int = 0        # 1 while the step in flight samples this sequence's next token
+    pending_index: int = 0  # that sample's index in the step's samples (the worker's reference)
 
     @property
     def num_output(self) -> int:
@@ -31,14 +38,22 @@ class Sequence:
 
     @property
     def uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        return len(self.token_ids) + self.pending - self.num_computed
+
+    def exhausted(self, max_model_len: int) -> bool:
+        """The pending token is its last: nothing more to compute for it."""
+        total = len(self.token_ids) + self.pending
+        return self.pending > 0 and (total - self.prompt_len >= self.max_tokens
+                                     or total >= max_model_len)
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int | None = None):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
+        self.max_model_len = max_model_len or (1 << 62)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -58,6 +73,9 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             n = min(seq.uncomputed, budget)
+            if n == 0 or seq.exhausted(self.max_model_len):  # ends with the step in flight
+                index += 1
+                continue
             if not self._make_room(seq, n):
                 if not self.running:  # alone with the whole cache, and still too big
                     self.waiting.remove(seq)
@@ -68,7 +86,8 @@ class Scheduler:
             index += 1
         # no admissions in a step that had to preempt: the cache is the bottleneck
         while (self.waiting and budget > 0 and preemptions == self.num_preemptions
-               and len(self.running) < self.max_num_seqs):
+               and len(self.running) < self.max_num_seqs and not self.waiting[0].pending):
+            # (a preempted sequence whose last token is still in flight waits for it)
             seq = self.waiting[0]
             n = min(seq.uncomputed, budget)
             if not self.blocks.grow(seq.block_table, seq.num_computed + n):

@@ -1,13 +1,19 @@
 """Attention over a paged KV cache.
 
-The cache of one layer is a tensor [2, num_blocks * block_size, kv_heads, head_dim]; a sequence
-owns a list of blocks (its block table), and token position p lives in slot
-`table[p // block_size] * block_size + p % block_size`. One step may mix prefills and decodes:
-every sequence brings `query_len` new tokens after `start` tokens already in the cache.
+The cache of one layer is one contiguous buffer of 2 * kv_heads * slots * head_dim elements,
+read as [2, kv_heads, num_blocks, block_size * head_dim]: a block of one head is one contiguous
+run of memory, so a step reads its context with one row gather (memcpy per block) of keys and
+values of every head, and the keys come out as [kv_heads, sequences, context, head_dim], the
+layout the batched matmuls want, with no further copy. A sequence owns a list of blocks (its
+block table); token position p lives in slot `table[p // block_size] * block_size + p %
+block_size`.
 
-The step is computed as one batched scaled-dot-product attention over the sequences, padded to
-the longest query and the longest context, with a mask that encodes causality, padding and the
-sliding window. The indices and the mask are built once per step and shared by every layer.
+One step may mix prefills and decodes: every sequence brings `query_len` new tokens after
+`start` tokens already in the cache. The two kinds are computed apart (see attention_meta):
+- decodes (one new token): one row of scores per head, so two batched matmuls over the
+  gathered blocks and an additive mask, with no padded queries;
+- prefills (several new tokens): one scaled-dot-product attention over the sequences, padded to
+  the longest query, with a mask that encodes causality, padding and the sliding window.
 """
 
 from __future__ import annotations
@@ -17,67 +23,93 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tp_engine.model.attention_meta import (
+    DecodeGroup,
+    PrefillGroup,
+    decode_groups,
+    prefill_groups,
+)
+
 
 @dataclass
 class AttentionMetadata:
     positions: torch.Tensor      # [tokens]: each new token's position in its sequence
     slot_mapping: torch.Tensor   # [tokens]: where each new token's k and v are written
-    key_slots: torch.Tensor      # [batch, max_context]: the cache slots each sequence reads
-    query_index: torch.Tensor    # [tokens]: each new token's row in the padded [batch * max_q]
-    mask: torch.Tensor           # [batch, 1, max_q, max_context], True where attention is allowed
-    max_query_len: int
+    block_size: int
+    decode: list[DecodeGroup]
+    prefill: list[PrefillGroup]
 
     @classmethod
     def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]],
               block_size: int, sliding_window: int | None = None,
               device: torch.device | str = "cpu") -> AttentionMetadata:
-        batch, max_q = len(query_lens), max(query_lens)
-        max_ctx = max(s + q for s, q in zip(starts, query_lens))
-        width = max(len(t) for t in block_tables)
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.long)
-        offsets = torch.arange(block_size)
-        key_slots = (tables[:, :, None] * block_size + offsets).view(batch, -1)[:, :max_ctx]
-
-        start_t = torch.tensor(starts)
-        qlen_t = torch.tensor(query_lens)
-        rows = torch.arange(max_q)
-        # token i of sequence b is at position starts[b] + i and sits in row b * max_q + i
-        valid_q = rows[None, :] < qlen_t[:, None]                          # [batch, max_q]
-        query_index = (torch.arange(batch)[:, None] * max_q + rows[None, :])[valid_q]
-        flat_rows = torch.arange(batch).repeat_interleave(qlen_t)
-        first_row = (qlen_t.cumsum(0) - qlen_t).repeat_interleave(qlen_t)
-        flat_pos = start_t.repeat_interleave(qlen_t) + torch.arange(len(flat_rows)) - first_row
-        slot_mapping = key_slots[flat_rows, flat_pos]
-
-        q_pos = start_t[:, None] + rows[None, :]                            # [batch, max_q]
-        k_pos = torch.arange(max_ctx)
-        mask = k_pos[None, None, :] <= q_pos[:, :, None]
-        if sliding_window is not None:
-            mask &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-        # padding rows attend to slot 0 only, so softmax never sees an all-masked row
-        mask = torch.where(valid_q[:, :, None], mask, k_pos[None, None, :] == 0)
-        return cls(
-            positions=flat_pos.to(device),
-            slot_mapping=slot_mapping.to(device),
-            key_slots=key_slots.to(device),
-            query_index=query_index.to(device),
-            mask=mask.unsqueeze(1).to(device),
-            max_query_len=max_q,
-        )
+        bs, n = block_size, len(query_lens)
+        if n == sum(query_lens):  # every query is one token: a decode step
+            slots = [t[s // bs] * bs + s % bs for t, s in zip(block_tables, starts)]
+            return cls(torch.tensor(starts, device=device), torch.tensor(slots, device=device),
+                       bs, decode_groups(list(range(n)), None, starts, block_tables, bs,
+                                         sliding_window, device), [])
+        positions, slots, dec, dec_rows, pre, pre_rows = [], [], [], [], [], []
+        for i, (start, qlen, table) in enumerate(zip(starts, query_lens, block_tables)):
+            row = len(positions)
+            positions.extend(range(start, start + qlen))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + qlen))
+            if qlen == 1:
+                dec.append(i)
+                dec_rows.append(row)
+            else:
+                pre.append(i)
+                pre_rows.append(range(row, row + qlen))
+        decode = decode_groups(dec, dec_rows, starts, block_tables, bs, sliding_window,
+                               device) if dec else []
+        prefill = prefill_groups(pre, pre_rows, bool(dec), starts, query_lens, block_tables,
+                                 bs, sliding_window, device) if pre else []
+        return cls(torch.tensor(positions, device=device), torch.tensor(slots, device=device),
+                   bs, decode, prefill)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads * dim]."""
-    cache[0, meta.slot_mapping] = k
-    cache[1, meta.slot_mapping] = v
-    batch = meta.key_slots.shape[0]
+    kv_heads, dim = k.shape[1], k.shape[2]
+    slots = cache.view(2, kv_heads, -1, dim)
+    slots[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    slots[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    gather = (cache, kv_heads, meta.block_size, dim)
+    groups = [*meta.decode, *meta.prefill]
+    if len(groups) == 1 and groups[0].rows is None:  # one group in token order: no copies
+        group = groups[0]
+        compute = _prefill if isinstance(group, PrefillGroup) else _decode
+        return compute(q, group, scale, *group.gather(*gather))
+    out = q.new_empty(q.shape[0], q.shape[1] * dim)
+    for group in groups:
+        compute = _prefill if isinstance(group, PrefillGroup) else _decode
+        out[group.rows] = compute(q[group.rows], group, scale, *group.gather(*gather))
+    return out
+
+
+def _decode(q: torch.Tensor, group: DecodeGroup, scale: float, keys: torch.Tensor,
+            values: torch.Tensor) -> torch.Tensor:
+    n, heads, dim = q.shape
+    kv_heads, ctx = keys.shape[0], keys.shape[2]
+    # query heads grouped under their KV head, batched over (kv head, sequence)
+    queries = q.view(n, kv_heads, heads // kv_heads, dim).transpose(0, 1)
+    queries = queries.reshape(kv_heads * n, heads // kv_heads, dim)
+    # scale and mask fused into the score matmul: bias + scale * q k^T
+    scores = torch.baddbmm(group.bias_for(kv_heads, q.dtype), queries,
+                           keys.view(kv_heads * n, ctx, dim).transpose(1, 2), alpha=scale)
+    out = torch.bmm(scores.softmax(dim=-1), values.view(kv_heads * n, ctx, dim))
+    return out.view(kv_heads, n, -1, dim).transpose(0, 1).reshape(n, heads * dim)
+
+
+def _prefill(q: torch.Tensor, group: PrefillGroup, scale: float, keys: torch.Tensor,
+             values: torch.Tensor) -> torch.Tensor:
     heads, dim = q.shape[1], q.shape[2]
-    padded = q.new_zeros(batch * meta.max_query_len, heads, dim)
-    padded[meta.query_index] = q
-    padded = padded.view(batch, meta.max_query_len, heads, dim).transpose(1, 2)
-    keys = cache[0, meta.key_slots].transpose(1, 2)                      # [batch, kv, ctx, dim]
-    values = cache[1, meta.key_slots].transpose(1, 2)
-    out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=meta.mask, scale=scale,
+    keys, values = keys.transpose(0, 1), values.transpose(0, 1)        # [n, kv, ctx, dim]
+    n = keys.shape[0]
+    padded = q.new_zeros(n * group.max_query_len, heads, dim)
+    padded[group.query_index] = q
+    padded = padded.view(n, group.max_query_len, heads, dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=group.mask, scale=scale,
                                          enable_gqa=heads != keys.shape[1])
-    return out.transpose(1, 2).reshape(-1, heads * dim)[meta.query_index]
+    return out.transpose(1, 2).reshape(-1, heads * dim)[group.query_index]

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -18,6 +19,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32:  # one fused kernel, bit-identical to the steps below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -50,7 +53,10 @@ def _llama3_scaling(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Te
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position, computed once; applied in the rotate-half layout."""
+    """cos/sin tables for every position, computed once; applied in the rotate-half layout.
+
+    One instance serves every layer: a step looks its positions up once (`table`) and each
+    layer rotates its queries and keys together (`rotate`), a handful of ops per layer."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float,
                  scaling: dict[str, Any] | None):
@@ -60,15 +66,26 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        # rotate_half(x) * sin == swap_halves(x) * signed_sin: the negation moves into the table
+        signed = emb.sin()
+        signed[:, :head_dim // 2].neg_()
+        self.register_buffer("signed_sin", signed, persistent=False)
+
+    def table(self, positions: torch.Tensor,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) of each position, [tokens, 1, head_dim], in the compute dtype."""
+        return (self.cos[positions].to(dtype).unsqueeze(1),
+                self.signed_sin[positions].to(dtype).unsqueeze(1))
+
+    @staticmethod
+    def rotate(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [tokens, heads, head_dim] (queries and keys side by side)."""
+        cos, signed_sin = table
+        swapped = x.roll(x.shape[-1] // 2, dims=-1)  # the two halves exchanged
+        return x * cos + swapped * signed_sin
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        table = self.table(positions, q.dtype)
+        return self.rotate(q, table), self.rotate(k, table)

@@ -21,7 +21,7 @@ from tp_engine.model.parallel import (
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel, max_positions: int):
+    def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
         self.head_dim = config.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads,
@@ -30,19 +30,18 @@ class Attention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size,
                                         config.o_bias, tp)
-        self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta,
-                                      config.rope_scaling)
         self.scale = config.head_dim ** -0.5
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(paged_attention(q, k, v, cache, meta, self.scale))
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+                cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        # queries and keys are rotated together: one set of ops for both
+        qk = RotaryEmbedding.rotate(qkv[:, :(heads + kv_heads) * dim].unflatten(-1, (-1, dim)),
+                                    rope)
+        v = qkv[:, (heads + kv_heads) * dim:].unflatten(-1, (kv_heads, dim))
+        out = paged_attention(qk[:, :heads], qk[:, heads:], v, cache, meta, self.scale)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -58,16 +57,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallel, max_positions: int):
+    def __init__(self, config: ModelConfig, tp: TensorParallel):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, tp, max_positions)
+        self.self_attn = Attention(config, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, tp)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), cache, meta)
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+                cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(rope, self.input_layernorm(x), cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -75,15 +74,19 @@ class DecoderModel(nn.Module):
     def __init__(self, config: ModelConfig, tp: TensorParallel, max_positions: int):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(config, tp, max_positions)
+        self.layers = nn.ModuleList(DecoderLayer(config, tp)
                                     for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # shared by every layer: the positions are looked up once per step
+        self.rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope_theta,
+                                      config.rope_scaling)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(ids)
+        rope = self.rotary.table(positions, x.dtype)
         for layer, cache in zip(self.layers, caches):
-            x = layer(positions, x, cache, meta)
+            x = layer(rope, x, cache, meta)
         return self.norm(x)
 
 

@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from tp_engine.model.config import ModelConfig
 from tp_engine.model.llama import CausalLM
+from tp_engine.model.packed_linear import pack_model
 from tp_engine.model.parallel import TensorParallel, copy_shard
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def load_model(path: str | Path, tp: TensorParallel, dtype: torch.dtype,
     finally:
         torch.set_default_dtype(previous)
     load_weights(model, path)
+    pack_model(model)  # CPU: oneDNN copies of the linear weights (see packed_linear)
     return model.eval()
 
 

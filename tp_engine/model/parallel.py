@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tp_engine.model.packed_linear import linear
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -64,13 +66,15 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _new((self.out_per_rank,)) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = self.load_rows
+        self.packed: torch.Tensor | None = None  # oneDNN's copy of the weight, once loaded
+        self.packs_bias = True
 
     def load_rows(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
         start = self.tp.rank * self.out_per_rank
         copy_shard(param, source[start:start + self.out_per_rank], "column-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.packed, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -123,13 +127,15 @@ class RowParallelLinear(nn.Module):
         self.weight = _new((out_features, self.in_per_rank))
         self.weight.weight_loader = self.load_columns
         self.bias = _new((out_features,)) if bias else None  # replicated: loaded whole
+        self.packed: torch.Tensor | None = None
+        self.packs_bias = False  # the bias is added once, after the all-reduce
 
     def load_columns(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
         start = self.tp.rank * self.in_per_rank
         copy_shard(param, source[:, start:start + self.in_per_rank], "row-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.all_reduce(linear(x, self.weight, self.packed))
         return y + self.bias if self.bias is not None else y
 
 
@@ -163,6 +169,11 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Each rank computes the logits of its vocabulary range; rank 0 gathers them."""
 
+    def __init__(self, vocab_size: int, hidden: int, tp: TensorParallel):
+        super().__init__(vocab_size, hidden, tp)
+        self.packed: torch.Tensor | None = None
+        self.packs_bias = False
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = self.tp.gather_to_first(F.linear(hidden, self.weight))
+        logits = self.tp.gather_to_first(linear(hidden, self.weight, self.packed))
         return logits[..., :self.vocab_size] if logits is not None else None

@@ -1,0 +1,91 @@
+"""Every `tp-engine bench` mode runs end to end on a tiny configuration and prints its table.
+
+Smoke tests only: benchmarks are not timed tests, so no figure is asserted, only that each mode
+ran, measured something and printed the table (and, for throughput, the baseline beside it).
+The attention test guards the fast paths the benchmarks led to: split decode groups, split
+prefill groups and mixed steps must compute what one padded group computes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tp_engine.cli import main
+
+TINY_RUN = ["--device", "cpu", "--max-model-len", "256"]
+
+
+def run_mode(capsys, *argv: str) -> str:
+    assert main(["bench", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_throughput(capsys, tiny_model):
+    out = run_mode(capsys, "throughput", tiny_model, *TINY_RUN, "--requests", "4", "--runs", "1",
+                   "--prompt-len", "4,12", "--output-len", "2,6", "--hf-batch-sizes", "2")
+    assert "### throughput" in out and "| tp-engine TP=1 |" in out
+    assert "transformers generate, batch 2" in out and "speed-up" in out
+    assert "| torch |" in out and "| cores |" in out  # the machine is described
+
+
+def test_latency(capsys, tiny_model):
+    out = run_mode(capsys, "latency", tiny_model, *TINY_RUN, "--concurrency", "1,2",
+                   "--requests-per-client", "1", "--prompt-len", "8", "--max-tokens", "4")
+    assert "### latency" in out and "TTFT median ms" in out
+    assert out.count("\n| 1 |") == 1 and out.count("\n| 2 |") == 1
+    assert "| 1 (transformers generate) |" in out
+
+
+def test_lifecycle(capsys, tiny_model):
+    out = run_mode(capsys, "lifecycle", tiny_model, *TINY_RUN, "--runs", "1",
+                   "--process-runs", "1", "--in-flight", "4")
+    assert "### lifecycle, TP=2" in out
+    for step in ("ready, cold", "a later engine", "terminate(), idle", "in flight",
+                 "WorkerDiedError", "no worker left"):
+        assert step in out, step
+    assert "inf" not in out  # every death was detected
+
+
+def test_overhead(capsys, tiny_model):
+    out = run_mode(capsys, "overhead", tiny_model, *TINY_RUN, "--batch-sizes", "1,3",
+                   "--steps", "2,6", "--runs", "1", "--prompt-len", "8")
+    assert "### control-plane cost per decode step" in out
+    assert "\n| 1 |" in out and "\n| 3 |" in out
+
+
+def test_memory(capsys, tiny_model):
+    out = run_mode(capsys, "memory", tiny_model, *TINY_RUN, "--sizes", "1,2", "--requests", "2")
+    assert "### memory per rank" in out
+    assert out.count("| controller |") == 2 and "\n| 2 | 1 |" in out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_attention_fast_paths_agree(seed, monkeypatch):
+    """Random mixed steps through the grouped attention, split as often as possible, equal
+    the same steps computed as one group each for decodes and prefills."""
+    import tp_engine.model.attention_meta as meta_module
+    from tp_engine.model.attention import AttentionMetadata, paged_attention
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    bs, kv, group, dim, blocks = 4, 2, 3, 8, 300
+    for _ in range(20):
+        n = rng.randint(1, 10)
+        free = rng.sample(range(blocks), blocks)
+        starts = [rng.randint(0, 40) for _ in range(n)]
+        lens = [1 if rng.random() < 0.6 else rng.randint(2, 20) for _ in range(n)]
+        tables = [[free.pop() for _ in range(-(-(s + q) // bs))] for s, q in zip(starts, lens)]
+        tokens = sum(lens)
+        q = torch.randn(tokens, kv * group, dim)
+        k, v = torch.randn(tokens, kv, dim), torch.randn(tokens, kv, dim)
+        cache = torch.randn(2, kv, blocks * bs, dim)
+        window = rng.choice([None, 7])
+        results = []
+        for saving in (10**9, 1):  # never split, then split wherever possible
+            monkeypatch.setattr(meta_module, "MIN_SAVING_BLOCKS", saving)
+            monkeypatch.setattr(meta_module, "MIN_SAVING_ROWS", saving)
+            meta = AttentionMetadata.build(starts, lens, tables, bs, window)
+            results.append(paged_attention(q, k, v, cache.clone(), meta, 0.3))
+        torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=0)

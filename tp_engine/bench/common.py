@@ -1,0 +1,114 @@
+"""What every benchmark shares: the machine's description, the workload, medians, tables.
+
+Benchmarks print markdown tables so a run can be pasted into an issue as it is. Every figure is
+a median of several runs, and the machine (cores, load, torch and its threads) is printed with
+it, because on a small shared machine the same code can differ by 2x from one minute to the
+next."""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+VOCAB_FLOOR = 4  # the tiny tokenizers' special tokens are 0..3: keep prompts to plain tokens
+LOAD_AT_START = os.getloadavg()[0]  # imported when the CLI parses: the load before we ran
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_tokens: int
+
+
+def workload(num: int, prompt_range: tuple[int, int], output_range: tuple[int, int],
+             vocab_size: int, seed: int = 0) -> list[Request]:
+    """`num` requests with uniform random prompt and output lengths, the same for every side
+    of a comparison (a fixed seed, and nothing else draws from this generator)."""
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(num):
+        prompt_len = rng.randint(*prompt_range)
+        max_tokens = rng.randint(*output_range)
+        prompt = [rng.randrange(VOCAB_FLOOR, vocab_size) for _ in range(prompt_len)]
+        requests.append(Request(prompt, max_tokens))
+    return requests
+
+
+def worker_threads(tp: int) -> int:
+    """What a CPU worker uses (tp_engine.worker.distributed): the cores shared by the ranks."""
+    return max(1, (os.cpu_count() or 1) // tp)
+
+
+def machine(extra: dict[str, str] | None = None) -> dict[str, str]:
+    import torch
+
+    info = {
+        "cpu": _cpu_model(),
+        "cores": str(os.cpu_count()),
+        "load average (1 min), start / end": f"{LOAD_AT_START:.2f} / {os.getloadavg()[0]:.2f}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch threads (this process)": str(torch.get_num_threads()),
+    }
+    info.update(extra or {})
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of `fn` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def print_table(title: str, header: list[str], rows: list[list[object]],
+                out=None) -> None:
+    out = out or sys.stdout
+    print(f"\n### {title}\n", file=out)
+    print("| " + " | ".join(header) + " |", file=out)
+    print("|" + "|".join("---" for _ in header) + "|", file=out)
+    for row in rows:
+        print("| " + " | ".join(_cell(c) for c in row) + " |", file=out)
+    out.flush()
+
+
+def print_machine(info: dict[str, str], out=None) -> None:
+    print_table("machine", ["what", "value"], [[k, v] for k, v in info.items()], out)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1e3
+
+
+def verdict(value: float, target: float | None, lower_is_better: bool = True) -> str:
+    if target is None:
+        return ""
+    ok = value < target if lower_is_better else value >= target
+    return "met" if ok else "NOT met"

@@ -1,0 +1,109 @@
+"""`tp-engine bench throughput`: offline throughput of `Engine.generate` against transformers'
+`generate` at several batch sizes, the same requests on both sides, in the same run.
+
+Runs alternate (engine, then each baseline batch size, then the engine again...) so that a
+burst of load from elsewhere on the machine lands on both sides alike."""
+
+from __future__ import annotations
+
+import argparse
+
+from tp_engine.bench import common
+from tp_engine.bench.common import Request
+
+TARGET_RATIO = 2.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--requests", type=int, default=96)
+    p.add_argument("--prompt-len", default="8,160", help="min,max prompt tokens")
+    p.add_argument("--output-len", default="8,160", help="min,max output tokens")
+    p.add_argument("--runs", type=int, default=4, help="timed runs per configuration")
+    p.add_argument("--hf-batch-sizes", default="32,64,96",
+                   help="transformers batch sizes, comma separated; empty: no baseline")
+
+
+def pair(text: str) -> tuple[int, int]:
+    low, high = (int(x) for x in text.split(","))
+    return low, high
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def run_engine(engine, requests: list[Request]) -> tuple[float, int]:
+    from tp_engine import SamplingParams
+
+    prompts = [{"prompt_token_ids": r.prompt_ids} for r in requests]
+    params = [SamplingParams(max_tokens=r.max_tokens, temperature=0, ignore_eos=True)
+              for r in requests]
+    outputs = []
+    seconds = common.timed(lambda: outputs.extend(engine.generate(prompts, params)))
+    produced = sum(len(o.token_ids) for o in outputs)
+    requested = sum(r.max_tokens for r in requests)
+    if produced != requested:  # ignore_eos: every request must run to its max_tokens
+        raise RuntimeError(f"engine produced {produced} tokens, {requested} were requested")
+    return seconds, requested
+
+
+def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
+    from tp_engine import Engine
+
+    tps, batch_sizes = [engine_kwargs.get("tensor_parallel_size", 1)], ints(args.hf_batch_sizes)
+    engines = {tp: Engine(**{**engine_kwargs, "tensor_parallel_size": tp}) for tp in tps}
+    try:
+        first = next(iter(engines.values()))
+        vocab, path = first._core.model_config.vocab_size, first.config.model
+        requests = common.workload(args.requests, pair(args.prompt_len), pair(args.output_len),
+                                   vocab, seed=args.workload_seed)
+        hf = None
+        if batch_sizes:
+            from tp_engine.bench import hf_baseline
+
+            hf = hf_baseline.load(path)
+            hf_baseline.generate(hf, requests[:2], 2)  # warm-up
+        for engine in engines.values():
+            run_engine(engine, requests[:4])  # warm-up: first-call allocations and kernels
+        times: dict[str, list[float]] = {}
+        tokens = sum(r.max_tokens for r in requests)
+        for _ in range(args.runs):
+            for tp, engine in engines.items():
+                times.setdefault(f"tp-engine TP={tp}", []).append(run_engine(engine, requests)[0])
+            for size in batch_sizes:
+                seconds = hf_baseline.generate(hf, requests, size)[0]
+                times.setdefault(f"transformers generate, batch {size}", []).append(seconds)
+    finally:
+        for engine in engines.values():
+            engine.terminate()
+    report(args, times, tokens, engine_kwargs)
+    return 0
+
+
+def report(args: argparse.Namespace, times: dict[str, list[float]], tokens: int,
+           engine_kwargs: dict) -> None:
+    rows, rates = [], {}
+    for name, runs in times.items():
+        rates[name] = tokens / common.median(runs)
+        rows.append([name, f"{rates[name]:.0f}", f"{common.median(runs):.2f}",
+                     f"{tokens / max(runs):.0f}-{tokens / min(runs):.0f}", len(runs)])
+    common.print_machine(common.machine({
+        "engine worker threads": str(common.worker_threads(
+            engine_kwargs.get("tensor_parallel_size", 1))),
+        "model": engine_kwargs["model"], "device": engine_kwargs.get("device", "auto")}))
+    common.print_table(
+        f"throughput: {args.requests} requests, prompts {args.prompt_len} tokens, outputs "
+        f"{args.output_len} tokens, greedy, {tokens} requested tokens",
+        ["system", "tokens/s (median)", "seconds (median)", "tokens/s range", "runs"], rows)
+    baseline = {k: v for k, v in rates.items() if k.startswith("transformers")}
+    if not baseline:
+        return
+    best_name = max(baseline, key=baseline.get)
+    summary = []
+    for name, rate in rates.items():
+        if name.startswith("tp-engine"):
+            ratio = rate / baseline[best_name]
+            summary.append([name, f"{ratio:.2f}x", f">= {TARGET_RATIO:.0f}x",
+                            common.verdict(ratio, TARGET_RATIO, lower_is_better=False)])
+    common.print_table(f"against the best baseline ({best_name})",
+                       ["system", "speed-up", "target", "verdict"], summary)

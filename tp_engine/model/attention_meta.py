@@ -1,0 +1,160 @@
+"""What one step's attention needs, built once per step from the step's lists and shared by
+every layer: positions, cache slots, and the sequences split into groups computed apart.
+
+- Decodes (one new token each) are grouped by context length: a group is padded to its longest
+  context, so when lengths differ widely (8 to 300 tokens, say) splitting the batch in two or
+  three saves far more gather and matmul work than the few extra ops cost.
+- Prefills (several new tokens) are grouped by query length the same way, each group one
+  padded, masked SDPA: attention costs the square of the padded length, so one 160-token
+  prompt beside many 10-token ones would otherwise multiply the work several times.
+Plain Python over the lists is used where it beats a dozen small torch ops (~5 us each)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+# a decode group is split only when that saves this many (block x sequence) reads, about the
+# cost of the extra ops of one more group in every layer; a prefill group when it saves this
+# many padded query rows
+MIN_SAVING_BLOCKS = 24
+MIN_SAVING_ROWS = 256
+
+
+@dataclass
+class Blocks:
+    """The blocks one group reads: [n, width] block ids, padded with block 0 (masked out)."""
+    tables: torch.Tensor
+    _rows: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def gather(self, cache: torch.Tensor, kv_heads: int, block_size: int,
+               dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of every sequence, each [kv_heads, n, width * block_size, dim]: one
+        row gather (memcpy per block) for keys and values of every head."""
+        rows = cache.view(-1, block_size * dim)
+        if self._rows is None:  # the same for every layer: built by the first
+            per_part = rows.shape[0] // (2 * kv_heads)  # blocks per (key or value, head)
+            offsets = torch.arange(2 * kv_heads, device=rows.device).view(-1, 1) * per_part
+            self._rows = (self.tables.view(1, -1) + offsets).view(-1)
+        out = rows.index_select(0, self._rows).view(2, kv_heads, self.tables.shape[0], -1, dim)
+        return out[0], out[1]
+
+
+@dataclass
+class DecodeGroup(Blocks):
+    rows: torch.Tensor | None = None  # [n]: the group's rows among the step's tokens (None: all)
+    bias: torch.Tensor | None = None  # [n, width * block_size]: 0 where allowed, -inf not
+    _bias3: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def bias_for(self, kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        """The bias as [kv_heads * n, 1, context], the batch layout of the score matmul."""
+        if self._bias3 is None:
+            n, ctx = self.bias.shape
+            bias = self.bias.to(dtype).expand(kv_heads, n, ctx)
+            self._bias3 = bias.reshape(kv_heads * n, 1, ctx)
+        return self._bias3
+
+
+@dataclass
+class PrefillGroup(Blocks):
+    rows: torch.Tensor | None = None         # [tokens]: the group's rows (None: all)
+    query_index: torch.Tensor | None = None  # [tokens]: each token's row in the padded [n * max_q]
+    mask: torch.Tensor | None = None         # [n, 1, max_q, width * block_size], True: allowed
+    max_query_len: int = 0
+
+
+def decode_groups(seqs: list[int], rows: list[int] | None, starts: list[int],
+                  tables: list[list[int]], bs: int, window: int | None,
+                  device) -> list[DecodeGroup]:
+    """`seqs` index `starts` and `tables`; `rows` are their tokens' rows (None: seqs are rows
+    0..n-1 of a decode-only step, in order)."""
+    widths = [starts[i] // bs + 1 for i in seqs]
+    parts = _split(list(range(len(seqs))), widths, 2, MIN_SAVING_BLOCKS)
+    groups = []
+    for part in parts:
+        keep_rows = rows is not None or len(parts) > 1
+        part_rows = [rows[j] if rows is not None else seqs[j] for j in part] if keep_rows else None
+        groups.append(_decode_group(part_rows, [starts[seqs[j]] for j in part],
+                                    [tables[seqs[j]] for j in part], bs, window, device))
+    return groups
+
+
+def _split(members: list[int], widths: list[int], depth: int,
+           min_saving: int) -> list[list[int]]:
+    """Cut the members, sorted by width, where padding each side to its own longest saves the
+    most; recurse on both sides while that still saves `min_saving`."""
+    if depth == 0 or len(members) < 4:
+        return [members]
+    order = sorted(members, key=widths.__getitem__)
+    n, longest = len(order), widths[order[-1]]
+    best, cut = n * longest, 0
+    for i in range(1, n):
+        cost = i * widths[order[i - 1]] + (n - i) * longest
+        if cost < best:
+            best, cut = cost, i
+    if n * longest - best < min_saving:
+        return [members]
+    return (_split(order[:cut], widths, depth - 1, min_saving)
+            + _split(order[cut:], widths, depth - 1, min_saving))
+
+
+def tables_tensor(block_tables: list[list[int]], width: int) -> torch.Tensor:
+    """The tables cut to the blocks in use and padded with block 0 (masked out anyway)."""
+    flat = itertools.chain.from_iterable(
+        t[:width] if len(t) >= width else t + [0] * (width - len(t)) for t in block_tables)
+    return torch.tensor(list(flat), dtype=torch.long).view(len(block_tables), width)
+
+
+def _decode_group(rows: list[int] | None, starts: list[int], block_tables: list[list[int]],
+                  bs: int, window: int | None, device) -> DecodeGroup:
+    width = max(starts) // bs + 1
+    pos = torch.tensor(starts)[:, None]
+    k_pos = torch.arange(width * bs)[None, :]
+    allowed = k_pos <= pos
+    if window is not None:
+        allowed &= k_pos > pos - window
+    bias = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf"))
+    return DecodeGroup(tables_tensor(block_tables, width).to(device),
+                       rows=None if rows is None else torch.tensor(rows, device=device),
+                       bias=bias.to(device))
+
+
+def prefill_groups(seqs: list[int], rows: list[range], mixed: bool, starts: list[int],
+                   query_lens: list[int], tables: list[list[int]], bs: int,
+                   window: int | None, device) -> list[PrefillGroup]:
+    """`seqs` index the step's lists and `rows[j]` are seqs[j]'s token rows; `mixed`: the
+    step has decodes too, so the rows are needed even for a single group."""
+    lens = [query_lens[i] for i in seqs]
+    parts = _split(list(range(len(seqs))), lens, 2, MIN_SAVING_ROWS)
+    groups = []
+    for part in parts:
+        keep_rows = mixed or len(parts) > 1
+        part_rows = [r for j in part for r in rows[j]] if keep_rows else None
+        groups.append(_prefill_group(part_rows, [starts[seqs[j]] for j in part],
+                                     [lens[j] for j in part], [tables[seqs[j]] for j in part],
+                                     bs, window, device))
+    return groups
+
+
+def _prefill_group(rows: list[int] | None, starts: list[int], query_lens: list[int],
+                   block_tables: list[list[int]], bs: int, window: int | None,
+                   device) -> PrefillGroup:
+    n, max_q = len(query_lens), max(query_lens)
+    width = -(-max(s + q for s, q in zip(starts, query_lens)) // bs)
+    qlen_t = torch.tensor(query_lens)
+    q_rows = torch.arange(max_q)
+    valid_q = q_rows[None, :] < qlen_t[:, None]                          # [n, max_q]
+    query_index = (torch.arange(n)[:, None] * max_q + q_rows[None, :])[valid_q]
+    q_pos = torch.tensor(starts)[:, None] + q_rows[None, :]              # [n, max_q]
+    k_pos = torch.arange(width * bs)
+    mask = k_pos[None, None, :] <= q_pos[:, :, None]
+    if window is not None:
+        mask &= k_pos[None, None, :] > q_pos[:, :, None] - window
+    # padding rows attend to slot 0 only, so softmax never sees an all-masked row
+    mask = torch.where(valid_q[:, :, None], mask, k_pos[None, None, :] == 0)
+    return PrefillGroup(tables_tensor(block_tables, width).to(device),
+                        rows=None if rows is None else torch.tensor(rows, device=device),
+                        query_index=query_index.to(device), mask=mask.unsqueeze(1).to(device),
+                        max_query_len=max_q)
