@@ -61,6 +61,12 @@ def test_memory(capsys, tiny_model):
     assert out.count("| controller |") == 2 and "\n| 2 | 1 |" in out
 
 
+def test_soak(capsys, tiny_model):
+    out = run_mode(capsys, "soak", tiny_model, *TINY_RUN, "--requests", "40", "--threads", "4")
+    assert "40 requests in" in out and "0 errors" in out
+    assert "threads" in out and "fds" in out and "rss_bytes" in out
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_attention_fast_paths_agree(seed, monkeypatch):
     """Random mixed steps through the grouped attention, split as often as possible, equal

@@ -67,7 +67,9 @@ class LoadFailed(Message):
 class Step(Message):
     """One forward pass. Sequence i brings query_lens[i] new tokens after starts[i] cached ones;
     `samples` lists [batch index, temperature, top_p, top_k, seed or -1, output index] for each
-    sequence whose last new token is to be sampled (by rank 0)."""
+    sequence whose last new token is to be sampled (by rank 0). Steps are pipelined: a token
+    the previous step is still sampling travels as -1 - k, "sample k of the previous step",
+    which every rank fills in from the tokens rank 0 shares after each step."""
     tag: ClassVar[int] = 3
     step_id: int
     starts: list

@@ -7,6 +7,7 @@
 | lifecycle | engine start (cold and warm), terminate (idle and busy), death detection |
 | overhead | control-plane cost of a decode step: engine step time minus the bare forward |
 | memory | parameter bytes, KV cache and peak RSS of every rank at several TP sizes |
+| soak | thousands of random requests and aborts; threads, fds and RSS before and after |
 
 Importing this package is cheap (no torch): the CLI builds its parser from it."""
 
@@ -21,6 +22,7 @@ MODES = {
     "lifecycle": "engine start, terminate and death detection times",
     "overhead": "control-plane cost per decode step",
     "memory": "parameter bytes and peak RSS per rank at several TP sizes",
+    "soak": "random requests, aborts and client threads; resources before and after",
 }
 
 

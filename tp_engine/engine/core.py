@@ -72,7 +72,8 @@ class EngineCore:
         group.wait_ready(cfg.startup_timeout)
 
         self.blocks = BlockManager(group.ready[0].num_kv_blocks, cfg.block_size)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   cfg.max_model_len)
         self.stream_back = StreamBack(self.registry, self.abort_seq)
         self.stream_back.start()
         self._resources.acquired("stream-back thread",

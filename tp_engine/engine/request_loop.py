@@ -107,7 +107,6 @@ class RequestLoop:
         next step's tokens that the running step samples travel as placeholders the workers
         fill in. The price: a sequence that stops (EOS, stop token) computes one extra token,
         which is dropped."""
-        self.scheduler.max_model_len = self.max_model_len
         in_flight: deque[tuple[int, list[Sequence]]] = deque()  # (step id, sampled sequences)
         while True:
             self._take_inbox()

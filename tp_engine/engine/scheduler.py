@@ -49,11 +49,11 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int | None = None):
+                 max_model_len: int):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
-        self.max_model_len = max_model_len or (1 << 62)
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
