@@ -208,11 +208,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def control_endpoint(ipc_dir: str | None, host: str | None = None) -> str:
+def control_endpoint(ipc_dir: str, host: str | None = None) -> str:
     """Where the controller binds: a socket file in the private directory, or TCP on `host`
     with a port the OS picks (loopback unless an interface is named)."""
     if host is None:
-        return f"ipc://{os.path.join(ipc_dir or private_ipc_dir(), 'control')}"
+        return f"ipc://{os.path.join(ipc_dir, 'control')}"
     return f"tcp://{host}:*"
 
 

@@ -49,8 +49,7 @@ class EngineCore:
             self._resources.release_all(Deadline(config.terminate_timeout))
             raise
         self.state = "running"
-        self.startup_seconds = time.perf_counter() - start
-        log.debug("engine ready in %.3f s", self.startup_seconds)
+        log.debug("engine ready in %.3f s", time.perf_counter() - start)
 
     def _start(self) -> None:
         cfg = self.config

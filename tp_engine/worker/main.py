@@ -77,11 +77,10 @@ def _load(args: WorkerArgs):
     from tp_engine.worker.model_runner import ModelRunner
 
     cfg = args.config
-    ModelConfig.from_dir(cfg.model).check_tensor_parallel(args.world_size)
+    dtype = cfg.worker_dtype(ModelConfig.from_dir(cfg.model).checkpoint_dtype)
     tp = init_distributed(args.rank, args.world_size, args.init_method, cfg.device,
                           timeout_s=cfg.startup_timeout)
-    dtype = cfg.worker_dtype(ModelConfig.from_dir(cfg.model).checkpoint_dtype)
-    return ModelRunner(cfg, tp, dtype)
+    return ModelRunner(cfg, tp, dtype)  # load_model checks that the TP size fits the model
 
 
 def _loop(rank: int, link: wire.Link, runner) -> None:
