@@ -276,6 +276,29 @@ def test_terminate_wakes_a_running_generate(warm, baseline):
 
 
 @pytest.mark.timeout(60)
+def test_terminate_interrupts_long_decode_runs(warm, baseline, caplog):
+    """With 64-step runs of 48 sequences, two runs in flight take well over a second; the
+    workers see SHUTDOWN between two steps, so terminate() returns at once and they leave by
+    themselves (no signal had to be sent)."""
+    e = engine(warm, decode_steps=64)
+    caller = Background(e.generate, [f"request {i}" for i in range(48)], LONG)
+    deadline = time.monotonic() + 20
+    while e._core.stats()["running"] < 48 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(1.2)  # past the prefill and the runs that double up to 64 steps
+    asked_at = time.monotonic()
+    with caplog.at_level("WARNING", logger="tp_engine"):
+        e.terminate()
+    took = time.monotonic() - asked_at
+    caller.join(5)
+    assert isinstance(caller.error, EngineTerminatedError), repr(caller.error)
+    assert took < 0.5, f"terminate took {took:.3f} s"
+    assert not [r for r in caplog.records if "worker pids" in r.getMessage()]
+    del caller
+    assert_back_to(baseline)
+
+
+@pytest.mark.timeout(60)
 def test_terminate_wakes_a_chat_stream_consumer(warm, baseline):
     e = engine(warm)
     pids = e.worker_pids

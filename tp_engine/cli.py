@@ -14,6 +14,7 @@ ENGINE_FLAGS = {  # flag -> (Engine keyword, type)
     "--max-model-len": ("max_model_len", int),
     "--max-num-seqs": ("max_num_seqs", int),
     "--max-num-batched-tokens": ("max_num_batched_tokens", int),
+    "--decode-steps": ("decode_steps", int),
     "--num-kv-blocks": ("num_kv_blocks", int),
     "--kv-cache-memory-gb": ("kv_cache_memory_gb", float),
     "--gpu-memory-utilization": ("gpu_memory_utilization", float),

@@ -17,6 +17,7 @@ from tp_engine.model.config import ModelConfig
 DEVICES = ("auto", "cuda", "cpu")
 AUTH_KEY_ENV = "TP_ENGINE_AUTH_KEY"  # the shared secret of the ranks of a multi-node job
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_DECODE_STEPS = 64  # per message: bounds how long one message may hold the workers
 
 
 @dataclass
@@ -29,6 +30,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     max_model_len: int | None = None         # default: the model's max_position_embeddings
     block_size: int = 16
+    # the most decode steps a worker runs from one message when every running sequence decodes
+    # and none waits: fewer messages and less Python per token, but a request that arrives
+    # meanwhile waits for the run, and EOS is seen only at its end (the tokens after it are
+    # computed and dropped). Runs double from 2 up to this while no request arrives.
+    decode_steps: int = 16
     num_kv_blocks: int | None = None         # default: from the memory settings below
     kv_cache_memory_gb: float = 0.25         # per CPU worker
     gpu_memory_utilization: float = 0.85     # share of a GPU's free memory the cache may take
@@ -51,9 +57,12 @@ class EngineConfig:
             raise ValueError(f"start_method must be 'forkserver', 'spawn' or 'torchrun', "
                              f"got {self.start_method!r}")
         for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens",
-                     "block_size"):
+                     "block_size", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.decode_steps > MAX_DECODE_STEPS:
+            raise ValueError(f"decode_steps must be at most {MAX_DECODE_STEPS}, "
+                             f"got {self.decode_steps}")
         if not Path(self.model).is_dir():
             raise FileNotFoundError(f"model directory {self.model} does not exist")
         limit = ModelConfig.from_dir(self.model).max_position_embeddings

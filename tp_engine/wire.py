@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import msgpack
 import zmq
 
-VERSION = 1
+VERSION = 2
 MAX_FRAME_BYTES = 64 << 20
 
 
@@ -68,8 +68,10 @@ class Step(Message):
     """One forward pass. Sequence i brings query_lens[i] new tokens after starts[i] cached ones;
     `samples` lists [batch index, temperature, top_p, top_k, seed or -1, output index] for each
     sequence whose last new token is to be sampled (by rank 0). Steps are pipelined: a token
-    the previous step is still sampling travels as -1 - k, "sample k of the previous step",
-    which every rank fills in from the tokens rank 0 shares after each step."""
+    the previous step is still sampling travels as -1 - k, "the last token of sample k of the
+    previous step", which every rank fills in from the tokens rank 0 shares after each step.
+    `decode_steps`, when not empty, makes this a run of decode steps (see model/decode_run):
+    every sequence decodes and is sampled, and sequence i runs decode_steps[i] steps."""
     tag: ClassVar[int] = 3
     step_id: int
     starts: list
@@ -77,10 +79,13 @@ class Step(Message):
     token_ids: bytes
     block_tables: list
     samples: list
+    decode_steps: list
 
 
 @dataclass
 class StepDone(Message):
+    """Rank 0's sampled tokens: each sampled sequence's, in sample order (in a run of decode
+    steps, sequence i's decode_steps[i] tokens together)."""
     tag: ClassVar[int] = 4
     step_id: int
     token_ids: list

@@ -34,7 +34,7 @@ def client(core, prompts: list[list[int]], max_tokens: int, out: list[tuple[floa
             first = last = None
             count = 0
             while True:
-                delta = state.sink.get()
+                delta = state.get()
                 if delta.error is not None:
                     raise delta.error
                 if delta.token_ids:

@@ -34,7 +34,7 @@ def _submit(engine, n: int, max_tokens: int = 100_000) -> list:
 
 def _first_token(state) -> None:
     """Wait until the request has produced a token: the engine is mid-generation."""
-    while not state.sink.get().token_ids:
+    while not state.get().token_ids:
         pass
 
 
@@ -73,7 +73,7 @@ def worker_kill(kwargs: dict, runs: int) -> list[float]:
 
             def wait(state=state, raised=raised) -> None:
                 while True:
-                    delta = state.sink.get()
+                    delta = state.get()
                     if isinstance(delta.error, WorkerDiedError):
                         raised.append(time.perf_counter())
                         return

@@ -36,7 +36,7 @@ class AsyncEngine(EngineFront):
                                   AsyncSink(asyncio.get_running_loop()), text, request_id)
         try:
             while True:
-                delta = await state.sink.get()
+                delta = await state.aget()
                 if delta.error is not None:
                     raise delta.error
                 yield state.output
@@ -54,7 +54,7 @@ class AsyncEngine(EngineFront):
 
 async def wait(state: RequestState) -> RequestOutput:
     while True:
-        delta = await state.sink.get()
+        delta = await state.aget()
         if delta.error is not None:
             raise delta.error
         if delta.finish_reason is not None:
@@ -76,7 +76,7 @@ class AsyncStream:
         chunk = self._chunks.usage_chunk()
         try:
             while chunk is None and not self._chunks.done:
-                chunk = self._chunks.take(await self._state.sink.get())
+                chunk = self._chunks.take(await self._state.aget())
         except asyncio.CancelledError:
             self.close()
             raise

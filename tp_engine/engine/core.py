@@ -72,7 +72,7 @@ class EngineCore:
 
         self.blocks = BlockManager(group.ready[0].num_kv_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   cfg.max_model_len)
+                                   cfg.max_model_len, cfg.decode_steps)
         self.stream_back = StreamBack(self.registry, self.abort_seq)
         self.stream_back.start()
         self._resources.acquired("stream-back thread",

@@ -72,7 +72,7 @@ def prompt_input(core, prompt: Prompt) -> tuple[str | None, list[int]]:
 
 def wait(state: RequestState) -> RequestOutput:
     while True:
-        delta = state.sink.get()
+        delta = state.get()
         if delta.error is not None:
             raise delta.error
         if delta.finish_reason is not None:
@@ -93,7 +93,7 @@ class Stream:
     def __next__(self):
         chunk = self._chunks.usage_chunk()
         while chunk is None and not self._chunks.done:
-            chunk = self._chunks.take(self._state.sink.get())
+            chunk = self._chunks.take(self._state.get())
         if chunk is None:
             raise StopIteration
         return chunk

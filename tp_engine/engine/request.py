@@ -1,6 +1,11 @@
 """A request as its consumer sees it: the output so far, and the sink that wakes the consumer
-(a plain queue for threads, an asyncio queue for coroutines). Owned by the stream-back thread,
-which detokenizes and cuts stop strings here."""
+(a plain queue for threads, an asyncio queue for coroutines).
+
+The stream-back thread hands each request its new token ids; the text is made when the consumer
+reads (detokenize on read). A consumer that reads every chunk pays what it did before, in its
+own thread; one that reads only the end (generate, a batch job) decodes its tokens once, and the
+stream-back thread, which serves every request, stays off the workers' cores. A request with
+stop strings is detokenized as its tokens come, since its text decides when it stops."""
 
 from __future__ import annotations
 
@@ -37,34 +42,40 @@ class Delta:
 
 
 class SyncSink:
+    """Wakes a consumer thread."""
+
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Delta] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[None] = queue.SimpleQueue()
 
-    def put(self, delta: Delta) -> None:
-        self._queue.put(delta)
+    def wake(self) -> None:
+        self._queue.put(None)
 
-    def get(self) -> Delta:
-        return self._queue.get()
+    def wait(self) -> None:
+        self._queue.get()
 
 
 class AsyncSink:
-    """Deltas cross from the stream-back thread into the consumer's event loop."""
+    """Wakes a coroutine in the consumer's event loop, from the stream-back thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self._queue: asyncio.Queue[None] = asyncio.Queue()
 
-    def put(self, delta: Delta) -> None:
+    def wake(self) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
         except RuntimeError:  # the consumer's loop is closed: nobody is waiting any more
             pass
 
-    async def get(self) -> Delta:
-        return await self._queue.get()
+    async def wait(self) -> None:
+        await self._queue.get()
 
 
 class RequestState:
+    """Written by the stream-back thread (on_tokens) and by aborts (finish); read by the
+    consumer with get() (a SyncSink) or aget() (an AsyncSink). One wake-up is outstanding at
+    most: news that arrives before the consumer reads joins the same delta."""
+
     def __init__(self, seq_id: int, request_id: str, prompt: str | None, prompt_ids: list[int],
                  params: SamplingParams, tokenizer: Tokenizer, sink: SyncSink | AsyncSink):
         self.seq_id = seq_id
@@ -72,58 +83,103 @@ class RequestState:
         self.sink = sink
         self.output = RequestOutput(request_id, prompt, prompt_ids)
         self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._lock = threading.Lock()
+        self._ids: list[int] = []   # received, not yet read
+        self._text = ""              # their text, when made as they came (stop strings)
+        self._finish: str | None = None
+        self._error: BaseException | None = None
+        self._woken = False
         self._held = ""  # text that may be the start of a stop string
         self._hold = max((len(s) for s in params.stop), default=1) - 1
-        self._lock = threading.Lock()
 
     @property
     def finished(self) -> bool:
-        return self.output.finished
+        """No more tokens will come (the consumer may not have read the end yet)."""
+        return self._finish is not None
 
     def on_tokens(self, token_ids: list[int], finish_reason: str | None) -> bool:
         """Take new tokens; return True when a stop string ended the request here (the
         caller then aborts its sequence)."""
         with self._lock:
-            if self.finished:
+            if self._finish is not None:
                 return False
-            self.output.token_ids.extend(token_ids)
-            text = self._held + self._detok.add(token_ids)
-            if finish_reason is not None:
-                text += self._detok.flush()
-            cut = self._find_stop(text)
-            if cut is not None:
-                text, finish_reason = text[:cut], "stop"
-            elif finish_reason is None and self._hold:
-                keep = len(text) - self._hold
-                text, self._held = text[:max(0, keep)], text[max(0, keep):]
-            else:
-                self._held = ""
-            self._emit(Delta(text, list(token_ids), finish_reason))
-            return cut is not None
-
-    def _find_stop(self, text: str) -> int | None:
-        if not self.params.stop:
-            return None
-        # a stop string may straddle the text already sent and the new text
-        window_start = max(0, len(self.output.text) - self._hold)
-        window = self.output.text[window_start:] + text
-        hits = [window.find(s) for s in self.params.stop]
-        hits = [h for h in hits if h >= 0]
-        if not hits:
-            return None
-        return max(0, min(hits) - (len(self.output.text) - window_start))
+            self._ids.extend(token_ids)
+            stopped = False
+            if self.params.stop:
+                stopped = self._cut_stop(token_ids, finish_reason)
+                finish_reason = "stop" if stopped else finish_reason
+            self._finish = finish_reason
+            self._wake()
+            return stopped
 
     def finish(self, reason: str = "abort", error: BaseException | None = None) -> None:
         """End the request from outside the token stream (abort, failure, termination)."""
         with self._lock:
-            if not self.finished:
-                self._emit(Delta("", [], reason, error))
+            if self._finish is None:
+                self._finish, self._error = reason, error
+                self._wake()
 
-    def _emit(self, delta: Delta) -> None:
-        self.output.text += delta.text
-        if delta.finish_reason is not None:
-            self.output.finish_reason = delta.finish_reason
-        self.sink.put(delta)
+    def _wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            self.sink.wake()
+
+    def _cut_stop(self, token_ids: list[int], finish_reason: str | None) -> bool:
+        """Detokenize now and look for the stop strings; hold back a tail that may be the
+        start of one. True when one was found (the text is cut before it)."""
+        text = self._held + self._detok.add(token_ids)
+        if finish_reason is not None:
+            text += self._detok.flush()
+        cut = self._find_stop(text)
+        if cut is not None:
+            text = text[:cut]
+        elif finish_reason is None and self._hold:
+            keep = max(0, len(text) - self._hold)
+            text, self._held = text[:keep], text[keep:]
+        else:
+            self._held = ""
+        self._text += text
+        return cut is not None
+
+    def _find_stop(self, text: str) -> int | None:
+        # a stop string may straddle the text already made and the new text
+        made = self.output.text + self._text
+        window_start = max(0, len(made) - self._hold)
+        window = made[window_start:] + text
+        hits = [h for h in (window.find(s) for s in self.params.stop) if h >= 0]
+        if not hits:
+            return None
+        return max(0, min(hits) - (len(made) - window_start))
+
+    def get(self) -> Delta:
+        """Wait for news (a SyncSink's request)."""
+        self.sink.wait()
+        return self._take()
+
+    async def aget(self) -> Delta:
+        """Wait for news (an AsyncSink's request)."""
+        await self.sink.wait()
+        return self._take()
+
+    def _take(self) -> Delta:
+        """The news since the last read, as one delta; the output grows by it."""
+        with self._lock:
+            self._woken = False
+            ids, self._ids = self._ids, []
+            if self.params.stop:
+                text, self._text = self._text, ""
+            elif self._error is None:
+                text = self._detok.add(ids)
+                if self._finish is not None:
+                    text += self._detok.flush()
+            else:
+                text = ""
+            out = self.output
+            if out.finish_reason is None:
+                out.token_ids.extend(ids)
+                out.text += text
+                out.finish_reason = self._finish
+            return Delta(text, ids, self._finish, self._error)
 
 
 class Registry:

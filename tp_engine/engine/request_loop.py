@@ -107,18 +107,19 @@ class RequestLoop:
         next step's tokens that the running step samples travel as placeholders the workers
         fill in. The price: a sequence that stops (EOS, stop token) computes one extra token,
         which is dropped."""
-        in_flight: deque[tuple[int, list[Sequence]]] = deque()  # (step id, sampled sequences)
+        # (step id, [(sampled sequence, tokens it samples)])
+        in_flight: deque[tuple[int, list[tuple[Sequence, int]]]] = deque()
         while True:
             self._take_inbox()
             while len(in_flight) < 2:
-                batch, too_long = self.scheduler.schedule()
+                batch, decode_steps, too_long = self.scheduler.schedule()
                 if too_long:
                     for seq in too_long:
                         self._forget(seq)
                     self.stream_back.queue.put([(s.seq_id, [], "length") for s in too_long])
                 if not batch:
                     break
-                step, sampled = self._build_step(batch)
+                step, sampled = self._build_step(batch, decode_steps)
                 self.group.broadcast(step)
                 in_flight.append((step.step_id, sampled))
             if not in_flight:
@@ -144,13 +145,16 @@ class RequestLoop:
         self.scheduler.finish(seq)
         self.seqs.pop(seq.seq_id, None)
 
-    def _build_step(self, batch: list[tuple[Sequence, int]]) -> tuple[wire.Step, list[Sequence]]:
+    def _build_step(self, batch: list[tuple[Sequence, int]], decode_steps: list[int],
+                    ) -> tuple[wire.Step, list[tuple[Sequence, int]]]:
         """The Step for `batch`, advancing each sequence as if the step had run; and the
-        sequences it samples, in sample order. A token still being sampled by the step in
-        flight goes as the placeholder -1 - i: "sample i of the previous step"."""
+        sequences it samples, in sample order, each with the number of tokens it samples (its
+        decode steps). A token still being sampled by the step in flight goes as the
+        placeholder -1 - i: "the last token of sample i of the previous step"."""
         starts, lens, tables, samples, sampled = [], [], [], [], []
         tokens = array("i")
-        for index, (seq, n) in enumerate(batch):
+        steps = decode_steps or itertools.repeat(1)
+        for index, ((seq, n), k) in enumerate(zip(batch, steps)):
             start = seq.num_computed
             starts.append(start)
             lens.append(n)
@@ -159,16 +163,17 @@ class RequestLoop:
             known = len(seq.token_ids)
             if start + n > known:  # the pending token (at most one) ends this chunk
                 tokens.append(-1 - seq.pending_index)
-            seq.num_computed = start + n
-            if start + n == known + seq.pending:  # all computed: sample the next token
+            seq.num_computed = start + n + k - 1
+            if start + n == known + seq.pending:  # all computed: sample the next token(s)
                 p = seq.params
                 seq.pending_index = len(samples)
                 samples.append([index, float(p.temperature), float(p.top_p), p.top_k,
                                 -1 if p.seed is None else p.seed,
                                 known + seq.pending - seq.prompt_len])
-                seq.pending += 1
-                sampled.append(seq)
-        step = wire.Step(next(self._step_ids), starts, lens, tokens.tobytes(), tables, samples)
+                seq.pending += k
+                sampled.append((seq, k))
+        step = wire.Step(next(self._step_ids), starts, lens, tokens.tobytes(), tables, samples,
+                         decode_steps)
         return step, sampled
 
     def _await(self, step_id: int | None) -> list[int]:
@@ -200,17 +205,23 @@ class RequestLoop:
             return WorkerDiedError(*dead[0])
         return EngineError(f"worker rank {msg.rank} failed step {msg.step_id}: {msg.error}")
 
-    def _apply(self, sampled: list[Sequence], tokens: list[int]) -> StepOutputs:
+    def _apply(self, sampled: list[tuple[Sequence, int]], tokens: list[int]) -> StepOutputs:
         outputs: StepOutputs = []
-        for seq, token in zip(sampled, tokens):
-            seq.pending -= 1
+        offset = 0
+        for seq, k in sampled:
+            new, offset = tokens[offset:offset + k], offset + k
+            seq.pending -= k
             if self.seqs.get(seq.seq_id) is not seq:
-                continue  # finished or aborted while this step ran: its extra token is dropped
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                self._forget(seq)
-            outputs.append((seq.seq_id, [token], reason))
+                continue  # finished or aborted while this step ran: its tokens are dropped
+            reason = None
+            for count, token in enumerate(new, 1):
+                seq.token_ids.append(token)
+                reason = self._finish_reason(seq, token)
+                if reason is not None:
+                    new = new[:count]
+                    self._forget(seq)
+                    break
+            outputs.append((seq.seq_id, new, reason))
         return outputs
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:

@@ -6,10 +6,16 @@ a decode, many for a prefill, so prefills and decodes share a step, and a long p
 the step's token budget. When the cache is full, the newest running sequence is preempted: its
 blocks are freed and it is recomputed later (its seeded samples repeat exactly).
 
+When every scheduled sequence decodes and none waits, the step becomes a run of decode steps
+that the workers compute from one message (see model/decode_run); each sequence's blocks are
+reserved for its whole run. A request that arrives meanwhile waits for the runs in flight, so
+runs start at 2 steps after an admission and double while no request comes, up to
+`decode_steps`: a steady stream of requests keeps them short, a settled batch runs long.
+
 The request loop keeps two steps in flight, so the next step is scheduled before the tokens of
-the one running are known: a sequence's `pending` token (sampled by the step in flight, not yet
-received) counts as part of it, and the worker fills it in. `num_computed` counts what the
-steps sent so far will have computed."""
+the one running are known: a sequence's `pending` tokens (sampled by the steps in flight, not
+yet received) count as part of it, and the worker fills in the last of them. `num_computed`
+counts what the steps sent so far will have computed."""
 
 from __future__ import annotations
 
@@ -29,8 +35,8 @@ class Sequence:
     max_tokens: int
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
-    pending: int = 0        # 1 while the step in flight samples this sequence's next token
-    pending_index: int = 0  # that sample's index in the step's samples (the worker's reference)
+    pending: int = 0        # tokens the steps in flight sample for it, not yet received
+    pending_index: int = 0  # its sample's index in the last step sent (the worker's reference)
 
     @property
     def num_output(self) -> int:
@@ -40,20 +46,25 @@ class Sequence:
     def uncomputed(self) -> int:
         return len(self.token_ids) + self.pending - self.num_computed
 
-    def exhausted(self, max_model_len: int) -> bool:
-        """The pending token is its last: nothing more to compute for it."""
+    def room(self, max_model_len: int) -> int:
+        """Tokens it may still be sampled, counting those in flight as sampled."""
         total = len(self.token_ids) + self.pending
-        return self.pending > 0 and (total - self.prompt_len >= self.max_tokens
-                                     or total >= max_model_len)
+        return min(self.max_tokens - (total - self.prompt_len), max_model_len - total)
+
+    def exhausted(self, max_model_len: int) -> bool:
+        """The pending tokens are its last: nothing more to compute for it."""
+        return self.pending > 0 and self.room(max_model_len) <= 0
 
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, decode_steps: int = 1):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.decode_steps = decode_steps
+        self._run = 1  # the last run's length
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -64,10 +75,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[tuple[Sequence, int]], list[Sequence]]:
-        """The next step's (sequence, new tokens) pairs, and the sequences that can never fit
-        in the cache (the caller finishes them with "length")."""
+    def schedule(self) -> tuple[list[tuple[Sequence, int]], list[int], list[Sequence]]:
+        """The next step's (sequence, new tokens) pairs; the decode steps each runs ([]: one
+        step); and the sequences that can never fit in the cache (the caller finishes them
+        with "length")."""
         budget, batch, too_long = self.token_budget, [], []
+        if self.waiting:
+            self._run = 1
         preemptions = self.num_preemptions
         index = 0
         while index < len(self.running) and budget > 0:
@@ -96,7 +110,24 @@ class Scheduler:
             self.running.append(seq)
             batch.append((seq, n))
             budget -= n
-        return batch, too_long
+        return (*self._decode_run(batch), too_long)
+
+    def _decode_run(self, batch: list[tuple[Sequence, int]],
+                    ) -> tuple[list[tuple[Sequence, int]], list[int]]:
+        """`batch` as a run of decode steps, longest first, with each sequence's steps; or
+        `batch` and [] when it cannot be one."""
+        if (self.decode_steps == 1 or self.waiting or not batch
+                or any(n != 1 or seq.uncomputed != 1 for seq, n in batch)):
+            return batch, []
+        self._run = min(2 * self._run, self.decode_steps)
+        steps = [min(self._run, seq.room(self.max_model_len)) for seq, _ in batch]
+        for (seq, _), k in zip(batch, steps):
+            if not self.blocks.grow(seq.block_table, seq.num_computed + k):
+                return batch, []  # blocks already added stay with their sequences
+        if max(steps) == 1:
+            return batch, []
+        order = sorted(range(len(batch)), key=steps.__getitem__, reverse=True)  # stable
+        return [batch[i] for i in order], [steps[i] for i in order]
 
     def _make_room(self, seq: Sequence, n: int) -> bool:
         """Grow `seq` by `n` tokens, preempting the newest sequences as needed; False if `seq`

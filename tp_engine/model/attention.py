@@ -96,7 +96,7 @@ def _decode(q: torch.Tensor, group: DecodeGroup, scale: float, keys: torch.Tenso
     queries = q.view(n, kv_heads, heads // kv_heads, dim).transpose(0, 1)
     queries = queries.reshape(kv_heads * n, heads // kv_heads, dim)
     # scale and mask fused into the score matmul: bias + scale * q k^T
-    scores = torch.baddbmm(group.bias_for(kv_heads, q.dtype), queries,
+    scores = torch.baddbmm(group.bias_for(kv_heads, q.dtype, ctx), queries,
                            keys.view(kv_heads * n, ctx, dim).transpose(1, 2), alpha=scale)
     out = torch.bmm(scores.softmax(dim=-1), values.view(kv_heads * n, ctx, dim))
     return out.view(kv_heads, n, -1, dim).transpose(0, 1).reshape(n, heads * dim)

@@ -18,14 +18,15 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, specs: list[Spec]) -> list[int]:
+    def __call__(self, logits: torch.Tensor, specs: list[Spec]) -> torch.Tensor:
+        """One token per row of `logits`, as a tensor of int64 on the logits' device."""
         logits = logits.float()
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax(logits)
         rows = [i for i, spec in enumerate(specs) if spec[1] > 0]
         if rows:
             picked = self._sample([specs[i] for i in rows], logits[rows])
             tokens[rows] = picked
-        return tokens.tolist()
+        return tokens
 
     def _sample(self, specs: list[Spec], logits: torch.Tensor) -> torch.Tensor:
         temperature = torch.tensor([s[1] for s in specs], device=self.device)
@@ -41,7 +42,16 @@ class Sampler:
             else:
                 generator = self.generator
             noise[row].exponential_(generator=generator)
-        return (probs / noise).argmax(dim=-1)
+        return argmax(probs / noise)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (the first, on ties, as torch's). On a CPU through numpy, whose
+    vectorized argmax is ten times faster than torch's: 45 us instead of 430 for 64 rows of
+    an 8,000-token vocabulary, which was a twentieth of a decode step."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(x.numpy().argmax(-1))
+    return x.argmax(dim=-1)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import traceback
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -19,6 +20,7 @@ import zmq
 from tp_engine import wire
 from tp_engine.config import EngineConfig
 from tp_engine.model.config import ModelConfig
+from tp_engine.worker.interrupted import Interrupted
 from tp_engine.worker.parent_watch import watch_parent
 
 log = logging.getLogger("tp_engine.worker")
@@ -83,20 +85,45 @@ def _load(args: WorkerArgs):
     return ModelRunner(cfg, tp, dtype)  # load_model checks that the TP size fits the model
 
 
-def _loop(rank: int, link: wire.Link, runner) -> None:
-    while True:
+class Inbox:
+    """The worker's messages, in order. A run of decode steps asks between two steps whether a
+    SHUTDOWN waits (behind the next step, pipelined), so that terminate() never waits for the
+    runs in flight; the messages read to find out are kept for later."""
+
+    def __init__(self, rank: int, link: wire.Link):
+        self.rank, self.link = rank, link
+        self._backlog: deque[wire.Message] = deque()
+
+    def next(self) -> wire.Message:
+        while not self._backlog:
+            self._read()
+        return self._backlog.popleft()
+
+    def shutdown_waiting(self) -> bool:
+        while self.link.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._read()
+        return any(isinstance(m, wire.Shutdown) for m in self._backlog)
+
+    def _read(self) -> None:
         try:
-            _, msg = link.recv()
+            self._backlog.append(self.link.recv()[1])
         except wire.WireError as e:
-            log.warning("rank %d dropped a malformed frame: %s", rank, e)
-            continue
+            log.warning("rank %d dropped a malformed frame: %s", self.rank, e)
+
+
+def _loop(rank: int, link: wire.Link, runner) -> None:
+    inbox = Inbox(rank, link)
+    while True:
+        msg = inbox.next()
         if isinstance(msg, wire.Shutdown):
             return
         if not isinstance(msg, wire.Step):
             log.warning("rank %d dropped an unexpected %s", rank, type(msg).__name__)
             continue
         try:
-            tokens = runner.step(msg)
+            tokens = runner.step(msg, inbox.shutdown_waiting)
+        except Interrupted:
+            continue  # the SHUTDOWN is next in the inbox
         except Exception as e:
             log.error("rank %d failed step %d: %s", rank, msg.step_id, e)
             link.send(wire.StepFailed(rank=rank, step_id=msg.step_id,

@@ -8,17 +8,20 @@ import mmap
 import operator
 import sys
 from array import array
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from tp_engine.config import EngineConfig
+from tp_engine.config import MAX_DECODE_STEPS, EngineConfig
 from tp_engine.model.attention import AttentionMetadata
+from tp_engine.model.decode_run import DecodeRun
 from tp_engine.model.loader import DTYPES, load_model
 from tp_engine.model.parallel import TensorParallel
 from tp_engine.model.sampler import Sampler
 from tp_engine.wire import Step
 from tp_engine.worker.distributed import current_device
+from tp_engine.worker.interrupted import Interrupted
 
 
 def keep_freed_memory() -> None:
@@ -131,11 +134,33 @@ class ModelRunner:
             raise ValueError("step: a block id is out of range")
         if any(not 0 <= s[0] < n for s in step.samples):
             raise ValueError("step: a sample names no sequence")
+        if step.decode_steps:
+            self._check_run(step, bs)
+
+    def _check_run(self, step: Step, bs: int) -> None:
+        runs = step.decode_steps
+        if len(runs) != len(step.starts) or len(step.samples) != len(runs):
+            raise ValueError("step: decode_steps needs one count and one sample per sequence")
+        if max(step.query_lens) != 1 or any(s[0] != i for i, s in enumerate(step.samples)):
+            raise ValueError("step: a run of decode steps must decode and sample in order")
+        if min(runs) < 1 or max(runs) > MAX_DECODE_STEPS:
+            raise ValueError(f"step: decode_steps must be 1 to {MAX_DECODE_STEPS}")
+        if any(a < b for a, b in zip(runs, runs[1:])):
+            raise ValueError("step: decode_steps must not increase along the batch")
+        ends = list(map(operator.add, step.starts, runs))
+        if max(ends) > self.config.max_model_len:
+            raise ValueError("step: a sequence runs past max_model_len")
+        if any(len(t) * bs < e for t, e in zip(step.block_tables, ends)):
+            raise ValueError("step: a block table is too short for its decode steps")
 
     @torch.inference_mode()
-    def step(self, step: Step) -> list[int] | None:
+    def step(self, step: Step, stop_asked: Callable[[], bool] = lambda: False) -> list[int] | None:
+        """Run `step`; rank 0 returns the sampled tokens. A run of decode steps asks
+        `stop_asked` (rank 0's answer counts) between two steps, and raises Interrupted."""
         self.check(step)
         ids = self._token_ids(step)
+        if step.decode_steps:
+            return self._decode_run(step, ids, stop_asked)
         meta = AttentionMetadata.build(step.starts, step.query_lens, step.block_tables,
                                        self.config.block_size, self.window, self.device)
         ids_t = torch.frombuffer(ids, dtype=torch.int32).to(self.device, torch.long)
@@ -148,8 +173,35 @@ class ModelRunner:
             hidden = hidden[torch.tensor(rows, device=self.device)]
         logits = self.model.compute_logits(hidden)
         tokens = self.sampler(logits, step.samples) if self.sampler is not None else None
-        self.last_sampled = self._share(tokens, len(step.samples))
-        return tokens
+        self.last_sampled = self._share(tokens, len(step.samples))[0].tolist()
+        return self.last_sampled if self.sampler is not None else None
+
+    def _decode_run(self, step: Step, ids: array,
+                    stop_asked: Callable[[], bool]) -> list[int] | None:
+        """Several decode steps, each one's sampled tokens the next one's input. Returns each
+        sequence's tokens, sequence by sequence (rank 0; None elsewhere)."""
+        run = DecodeRun.build(step.starts, step.decode_steps, step.block_tables,
+                              self.config.block_size, self.window, self.device)
+        tokens = torch.frombuffer(ids, dtype=torch.int32).to(self.device, torch.long)
+        specs, drawn = step.samples, any(s[1] > 0 for s in step.samples)
+        sampled = []
+        for i in range(len(run)):
+            meta = run.metadata(i)
+            hidden = self.model(tokens, meta.positions, self.caches, meta)
+            logits = self.model.compute_logits(hidden)
+            if self.sampler is not None and i and drawn:  # a draw's output index moves on
+                specs = [[*s[:5], s[5] + i] for s in step.samples[:run.running[i]]]
+            new = self.sampler(logits, specs) if self.sampler is not None else None
+            stop = self.tp.rank == 0 and i + 1 < len(run) and stop_asked()
+            tokens, stop = self._share(new, run.running[i], stop)
+            if stop:
+                raise Interrupted
+            sampled.append(tokens.tolist())
+            if i + 1 < len(run):  # the sequences that go on
+                tokens = tokens[:run.running[i + 1]]
+        per_seq = [[sampled[i][row] for i in range(k)] for row, k in enumerate(step.decode_steps)]
+        self.last_sampled = [seq[-1] for seq in per_seq]
+        return [t for seq in per_seq for t in seq] if self.sampler is not None else None
 
     def _token_ids(self, step: Step) -> array:
         """The step's token ids, the placeholders filled in: the request loop sends the next
@@ -167,12 +219,17 @@ class ModelRunner:
             raise ValueError("step: a token id is outside the vocabulary")
         return ids
 
-    def _share(self, tokens: list[int] | None, count: int) -> list[int]:
-        """Every rank needs the sampled tokens to fill in the next step's placeholders: rank 0
-        broadcasts them (a few bytes) when there are other ranks."""
+    def _share(self, tokens: torch.Tensor | None, count: int,
+               stop: bool = False) -> tuple[torch.Tensor, bool]:
+        """Every rank needs the sampled tokens, to fill in the next step's placeholders and as
+        the next input of a run of decode steps, and rank 0's `stop`: rank 0 broadcasts them
+        (a few bytes) when there are other ranks."""
         if self.tp.size == 1:
-            return tokens or []
-        shared = torch.tensor(tokens if tokens is not None else [0] * count,
-                              dtype=torch.long, device=self.device)
+            return tokens, stop
+        if tokens is None:
+            shared = torch.zeros(count + 1, dtype=torch.long, device=self.device)
+        else:
+            flag = torch.tensor([int(stop)], dtype=torch.long, device=tokens.device)
+            shared = torch.cat([tokens, flag]).to(self.device)
         dist.broadcast(shared, src=0)
-        return shared.tolist()
+        return shared[:-1], bool(shared[-1])

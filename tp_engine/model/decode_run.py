@@ -1,0 +1,82 @@
+"""A run of decode steps that a worker computes back to back from one message.
+
+When every sequence of a step decodes and nobody waits to be admitted, the request loop asks
+for several steps at once, and the worker feeds each step's sampled tokens straight into the
+next. The controller's work (scheduling, the messages both ways, the hand-off to the
+stream-back thread) is then paid once per run instead of once per token, and the worker does
+no per-step Python over the batch: every step's positions, cache slots and attention groups
+are slices of tensors built once, here.
+
+Sequence i runs steps[i] steps (fewer than the others when it reaches max_tokens first). The
+sequences come longest run first, so the ones still running at a step are a prefix of the
+batch, and a step computes only that prefix, reading only the blocks its positions reach."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tp_engine.model.attention import AttentionMetadata
+from tp_engine.model.attention_meta import DecodeGroup, decode_groups, long_tensor, tables_tensor
+
+
+@dataclass
+class DecodeRun:
+    positions: torch.Tensor  # [steps, n]: each sequence's query position at each step
+    slots: torch.Tensor      # [steps, n]: where its keys and values go
+    running: list[int]       # sequences still running at each step (a prefix of the batch)
+    groups: list[DecodeGroup]
+    widths: list[list[int]]  # the blocks each group reads at each step (0: none running)
+    block_size: int
+    _cuts: dict = field(default_factory=dict)  # (group index, running, width) -> its cut
+
+    @classmethod
+    def build(cls, starts: list[int], steps: list[int], block_tables: list[list[int]],
+              block_size: int, sliding_window: int | None,
+              device: torch.device | str = "cpu") -> DecodeRun:
+        """`steps` must not increase along the batch."""
+        bs, n = block_size, len(starts)
+        lasts = [s + k - 1 for s, k in zip(starts, steps)]
+        tables = tables_tensor(block_tables, max(lasts) // bs + 1)
+        groups = decode_groups(list(range(n)), None, starts, block_tables, bs, sliding_window,
+                               device, lasts, tables)
+        step = torch.arange(max(steps))[:, None]
+        count = long_tensor(steps)
+        running = step < count  # [steps, n]
+        # past its last step a sequence stays at its last position: it is not computed, but
+        # its slot must still lie inside its table
+        positions = long_tensor(starts) + torch.minimum(step, count - 1)
+        slots = tables.gather(1, (positions // bs).T).T * bs + positions % bs
+        reach = torch.where(running, positions, -1)
+        widths = [((reach if g.rows is None else reach[:, g.rows.cpu()]).amax(dim=1) // bs
+                   + 1).tolist() for g in groups]
+        return cls(positions.to(device), slots.to(device), running.sum(dim=1).tolist(), groups,
+                   widths, bs)
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    def metadata(self, step: int) -> AttentionMetadata:
+        n = self.running[step]
+        positions = self.positions[step, :n]
+        decode = []
+        for index, (group, widths) in enumerate(zip(self.groups, self.widths)):
+            if widths[step]:
+                cut = self._cut(index, group, n, widths[step])
+                decode.append(cut.at(positions if cut.rows is None else positions[cut.rows]))
+        return AttentionMetadata(positions, self.slots[step, :n], self.block_size, decode, [])
+
+    def _cut(self, index: int, group: DecodeGroup, n: int, width: int) -> DecodeGroup:
+        """`group` cut to its members among the first n sequences and to its first `width`
+        blocks; kept, since it serves until a sequence ends or a block fills."""
+        key = (index, n, width)
+        if key not in self._cuts:
+            if group.rows is None:
+                cut = DecodeGroup(group.tables[:n, :width].contiguous(), window=group.window)
+            else:
+                keep = group.rows < n
+                cut = DecodeGroup(group.tables[keep, :width].contiguous(),
+                                  rows=group.rows[keep], window=group.window)
+            self._cuts[key] = cut
+        return self._cuts[key]
