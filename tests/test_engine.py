@@ -32,6 +32,25 @@ def test_greedy_matches_transformers(hf_models, tp):
             assert out.finish_reason == "length"
 
 
+def test_runs_of_decode_steps_match_transformers_with_a_sliding_window(tmp_path):
+    """A Mistral whose window (6) is shorter than the prompts, at TP 2: the decode runs (2, 4,
+    8, then 16 steps from one message) mask the window step by step as transformers does;
+    requests of different lengths end inside a run, and the run goes on without them."""
+    from checkpoints import build
+
+    from tp_engine.model.tiny import write_tokenizer
+
+    path = build("mistral", tmp_path, vocab_size=300)
+    write_tokenizer(path, "mistral", 300, 256)
+    lengths = [40, 13, 27, 40]
+    with Engine(str(path), tensor_parallel_size=2, device="cpu") as engine:
+        params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
+        outputs = engine.generate(as_inputs(PROMPTS), params)
+    ref = reference(path)
+    for prompt, n, out in zip(PROMPTS, lengths, outputs):
+        assert out.token_ids == greedy(ref, prompt, n), (prompt, n)
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model):
     with Engine(tiny_model, tensor_parallel_size=2, device="cpu") as engine:

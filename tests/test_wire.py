@@ -24,7 +24,7 @@ from tp_engine.worker.main import WorkerArgs, worker_main
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 PROMPT = {"prompt_token_ids": [5, 17, 33, 2, 9]}
-EXAMPLES = [wire.Ready(0, 1, 2, 3), wire.LoadFailed(1, "x"), wire.StepDone(3, [1, 2]),
+EXAMPLES = [wire.Ready(0, 1, 2, 3), wire.LoadFailed(1, "x"), wire.StepDone(3, [1, 2], 1, 0.5),
             wire.Step(1, [0], [2], array("i", [4, 5]).tobytes(), [[0]], [[0, 0.0, 1.0, 0, -1, 0]],
                       [3]),
             wire.StepFailed(0, 1, "e"), wire.Shutdown(), wire.Goodbye(1)]
@@ -125,7 +125,7 @@ def test_controller_drops_hostile_frames_and_keeps_serving(tiny_model, tmp_path,
             for frames in junk_frames(1, 150, marker):
                 rogue.send_multipart(frames)
             # a well-formed StepDone for the next step, unsigned: over TCP it is refused
-            rogue.send(wire.encode(wire.StepDone(step_id=1_000_000, token_ids=[1])))
+            rogue.send(wire.encode(wire.StepDone(1_000_000, [1], 1, 0.0)))
             assert engine.generate(PROMPT, GREEDY)[0].token_ids == expect
         rogue.close()
         ctx.term()

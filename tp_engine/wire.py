@@ -85,10 +85,13 @@ class Step(Message):
 @dataclass
 class StepDone(Message):
     """Rank 0's sampled tokens: each sampled sequence's, in sample order (in a run of decode
-    steps, sequence i's decode_steps[i] tokens together)."""
+    steps, sequence i's decode_steps[i] tokens together); and the steps it ran and the seconds
+    they spent in the model (forward, LM head, sampling), for metrics and benchmarks."""
     tag: ClassVar[int] = 4
     step_id: int
     token_ids: list
+    steps: int
+    model_seconds: float
 
 
 @dataclass

@@ -157,7 +157,8 @@ class EngineCore:
         return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
                     in_flight=len(self.registry), kv_blocks=blocks.num_blocks,
                     kv_blocks_free=blocks.num_free, kv_usage=blocks.usage,
-                    preemptions=self.scheduler.num_preemptions)
+                    preemptions=self.scheduler.num_preemptions, steps=self.loop.steps,
+                    model_seconds=self.loop.model_seconds)
 
     # --- lifecycle -------------------------------------------------------------------------
 

@@ -39,10 +39,12 @@ class RequestLoop:
         self.group = group
         self.scheduler = scheduler
         self.stream_back = stream_back
-        self.eos = set(eos_token_ids)
+        self.eos = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.on_failure = on_failure
         self.seqs: dict[int, Sequence] = {}
+        self.steps = 0              # steps the workers ran (a run of decode steps counts each)
+        self.model_seconds = 0.0    # and rank 0's time in the model for them
         self._inbox: deque = deque()
         self._stopping = False
         self._waker = Waker()
@@ -126,7 +128,10 @@ class RequestLoop:
                 self._await(None)  # idle: sleep until a request, an abort or a death
                 continue
             step_id, sampled = in_flight.popleft()
-            outputs = self._apply(sampled, self._await(step_id))
+            done = self._await(step_id)
+            self.steps += done.steps
+            self.model_seconds += done.model_seconds
+            outputs = self._apply(sampled, done.token_ids)
             if outputs:
                 self.stream_back.queue.put(outputs)
 
@@ -136,6 +141,9 @@ class RequestLoop:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "add":
+                p = item.params
+                item.stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos
+                                                            else self.eos)
                 self.seqs[item.seq_id] = item
                 self.scheduler.add(item)
             elif item in self.seqs:
@@ -176,7 +184,7 @@ class RequestLoop:
                          decode_steps)
         return step, sampled
 
-    def _await(self, step_id: int | None) -> list[int]:
+    def _await(self, step_id: int | None) -> wire.StepDone | None:
         """Sleep until step `step_id` is done (or, with None, until anything happens)."""
         while True:
             events = dict(self._poller.poll())
@@ -190,11 +198,11 @@ class RequestLoop:
             while self.group.router.poll(0):
                 msg = self.group.recv()
                 if isinstance(msg, wire.StepDone) and msg.step_id == step_id:
-                    return msg.token_ids
+                    return msg
                 if isinstance(msg, wire.StepFailed):
                     raise self._step_failure(msg)
             if step_id is None:
-                return []
+                return None
 
     def _step_failure(self, msg: wire.StepFailed) -> EngineError:
         """A rank whose peer died fails its collective at the moment the peer dies, often
@@ -214,20 +222,15 @@ class RequestLoop:
             if self.seqs.get(seq.seq_id) is not seq:
                 continue  # finished or aborted while this step ran: its tokens are dropped
             reason = None
-            for count, token in enumerate(new, 1):
-                seq.token_ids.append(token)
-                reason = self._finish_reason(seq, token)
-                if reason is not None:
-                    new = new[:count]
-                    self._forget(seq)
-                    break
+            if not seq.stops.isdisjoint(new):  # the tokens after a stop token are dropped
+                new = new[:next(i for i, t in enumerate(new, 1) if t in seq.stops)]
+                reason = "stop"
+            seq.token_ids.extend(new)
+            # a run never goes past max_tokens or max_model_len: only its last token can end it
+            if reason is None and (seq.num_output >= seq.max_tokens
+                                   or len(seq.token_ids) >= self.max_model_len):
+                reason = "length"
+            if reason is not None:
+                self._forget(seq)
             outputs.append((seq.seq_id, new, reason))
         return outputs
-
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos):
-            return "stop"
-        if seq.num_output >= seq.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            return "length"
-        return None

@@ -53,20 +53,29 @@ class DecodeGroup(Blocks):
         """0 where a key may be seen, -inf where not, as [kv_heads * n, 1, context]: the batch
         layout of the score matmul. Built by the first layer, from the positions."""
         if self._bias3 is None:
-            pos = self.positions[:, None]
-            k_pos = torch.arange(context, device=pos.device)[None, :]
-            allowed = k_pos <= pos
-            if self.window is not None:
-                allowed &= k_pos > pos - self.window
-            bias = torch.where(allowed, 0.0, float("-inf")).to(dtype)
+            bias = causal_mask(self.positions, context, self.window).to(dtype)
             self._bias3 = bias.expand(kv_heads, *bias.shape).reshape(-1, 1, context)
         return self._bias3
+
+    def set_bias(self, bias3: torch.Tensor) -> None:
+        """A mask already in bias_for's layout (built for a whole run of decode steps)."""
+        self._bias3 = bias3
 
     def at(self, positions: torch.Tensor) -> DecodeGroup:
         """The same sequences and blocks, queried at other positions (a later decode step)."""
         group = DecodeGroup(self.tables, positions, self.rows, self.window)
         group._rows = self._rows
         return group
+
+
+def causal_mask(positions: torch.Tensor, context: int, window: int | None) -> torch.Tensor:
+    """[..., context]: 0 where a query at `positions` [...] may see a key, -inf where not."""
+    pos = positions[..., None]
+    k_pos = torch.arange(context, device=pos.device)
+    allowed = k_pos <= pos
+    if window is not None:
+        allowed &= k_pos > pos - window
+    return torch.where(allowed, 0.0, float("-inf"))
 
 
 @dataclass

@@ -18,23 +18,34 @@ from dataclasses import dataclass, field
 import torch
 
 from tp_engine.model.attention import AttentionMetadata
-from tp_engine.model.attention_meta import DecodeGroup, decode_groups, long_tensor, tables_tensor
+from tp_engine.model.attention_meta import (
+    DecodeGroup,
+    causal_mask,
+    decode_groups,
+    long_tensor,
+    tables_tensor,
+)
+
+# the masks of a whole run are built at once when they take at most this many elements (8 MB
+# of float32: a CPU batch of 64 at 1,000 tokens of context); past it, each step builds its own
+MAX_RUN_MASK_ELEMENTS = 2 << 20
 
 
 @dataclass
 class DecodeRun:
-    positions: torch.Tensor  # [steps, n]: each sequence's query position at each step
-    slots: torch.Tensor      # [steps, n]: where its keys and values go
-    running: list[int]       # sequences still running at each step (a prefix of the batch)
+    positions: list[torch.Tensor]  # each step's query position of every sequence
+    slots: list[torch.Tensor]      # each step's cache slot of every sequence
+    running: list[int]             # sequences still running at each step (a prefix)
     groups: list[DecodeGroup]
-    widths: list[list[int]]  # the blocks each group reads at each step (0: none running)
+    widths: list[list[int]]        # the blocks each group reads at each step (0: none running)
+    masks: list[list[torch.Tensor] | None]  # each group's [kv_heads, n, context] mask a step
     block_size: int
     _cuts: dict = field(default_factory=dict)  # (group index, running, width) -> its cut
 
     @classmethod
     def build(cls, starts: list[int], steps: list[int], block_tables: list[list[int]],
-              block_size: int, sliding_window: int | None,
-              device: torch.device | str = "cpu") -> DecodeRun:
+              block_size: int, sliding_window: int | None, kv_heads: int,
+              dtype: torch.dtype, device: torch.device | str = "cpu") -> DecodeRun:
         """`steps` must not increase along the batch."""
         bs, n = block_size, len(starts)
         lasts = [s + k - 1 for s, k in zip(starts, steps)]
@@ -51,32 +62,52 @@ class DecodeRun:
         reach = torch.where(running, positions, -1)
         widths = [((reach if g.rows is None else reach[:, g.rows.cpu()]).amax(dim=1) // bs
                    + 1).tolist() for g in groups]
-        return cls(positions.to(device), slots.to(device), running.sum(dim=1).tolist(), groups,
-                   widths, bs)
+        positions = positions.to(device)
+        # a step costs a dozen small tensor ops; building every step's masks in one go saves
+        # five of them a step
+        masks = []
+        for g in groups:
+            size = len(steps) * kv_heads * g.tables.numel() * bs
+            at = positions if g.rows is None else positions[:, g.rows]
+            masks.append(causal_mask(at, g.tables.shape[1] * bs, sliding_window).to(dtype)
+                         .unsqueeze(1).expand(-1, kv_heads, -1, -1).contiguous().unbind(0)
+                         if size <= MAX_RUN_MASK_ELEMENTS else None)
+        return cls(list(positions.unbind(0)), list(slots.to(device).unbind(0)),
+                   running.sum(dim=1).tolist(), groups, widths, masks, bs)
 
     def __len__(self) -> int:
         return len(self.running)
 
     def metadata(self, step: int) -> AttentionMetadata:
         n = self.running[step]
-        positions = self.positions[step, :n]
+        positions, slots = self.positions[step], self.slots[step]
+        if n < positions.shape[0]:
+            positions, slots = positions[:n], slots[:n]
         decode = []
         for index, (group, widths) in enumerate(zip(self.groups, self.widths)):
             if widths[step]:
-                cut = self._cut(index, group, n, widths[step])
-                decode.append(cut.at(positions if cut.rows is None else positions[cut.rows]))
-        return AttentionMetadata(positions, self.slots[step, :n], self.block_size, decode, [])
+                cut, keep = self._cut(index, group, n, widths[step])
+                group = cut.at(positions if cut.rows is None else positions[cut.rows])
+                masks = self.masks[index]
+                if masks is not None:  # [kv, members, context] -> [kv * members, 1, context]
+                    mask = masks[step][:, keep, :widths[step] * self.block_size]
+                    group.set_bias(mask.reshape(-1, 1, mask.shape[-1]))
+                decode.append(group)
+        return AttentionMetadata(positions, slots, self.block_size, decode, [])
 
-    def _cut(self, index: int, group: DecodeGroup, n: int, width: int) -> DecodeGroup:
+    def _cut(self, index: int, group: DecodeGroup, n: int,
+             width: int) -> tuple[DecodeGroup, slice | torch.Tensor]:
         """`group` cut to its members among the first n sequences and to its first `width`
-        blocks; kept, since it serves until a sequence ends or a block fills."""
+        blocks, and which of its members those are; kept, since it serves until a sequence
+        ends or a block fills."""
         key = (index, n, width)
         if key not in self._cuts:
             if group.rows is None:
+                keep = slice(0, n)
                 cut = DecodeGroup(group.tables[:n, :width].contiguous(), window=group.window)
             else:
                 keep = group.rows < n
                 cut = DecodeGroup(group.tables[keep, :width].contiguous(),
                                   rows=group.rows[keep], window=group.window)
-            self._cuts[key] = cut
+            self._cuts[key] = (cut, keep)
         return self._cuts[key]

@@ -46,8 +46,11 @@ class _EngineCollector(Collector):
             ("kv_blocks_free", "KV-cache blocks free", stats["kv_blocks_free"]),
         ):
             yield GaugeMetricFamily(f"tp_engine_{name}", doc, value=value)
-        yield CounterMetricFamily("tp_engine_preemptions", "Sequences preempted",
-                                  value=stats["preemptions"])
+        for name, doc in (("preemptions", "Sequences preempted"),
+                          ("steps", "Model steps the workers ran"),
+                          ("model_seconds", "Rank 0's time in the model (forward, LM head, "
+                                            "sampling)")):
+            yield CounterMetricFamily(f"tp_engine_{name}", doc, value=stats[name])
 
 
 class Metrics:

@@ -130,7 +130,9 @@ def _loop(rank: int, link: wire.Link, runner) -> None:
                                       error=f"{type(e).__name__}: {e}"))
             continue
         if rank == 0:
-            link.send(wire.StepDone(step_id=msg.step_id, token_ids=tokens or []))
+            link.send(wire.StepDone(step_id=msg.step_id, token_ids=tokens or [],
+                                    steps=max(msg.decode_steps, default=1),
+                                    model_seconds=runner.model_seconds))
 
 
 def _send_last(link: wire.Link, msg: wire.Message) -> None:

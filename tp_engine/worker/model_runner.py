@@ -7,6 +7,7 @@ import itertools
 import mmap
 import operator
 import sys
+import time
 from array import array
 from collections.abc import Callable
 
@@ -85,6 +86,7 @@ class ModelRunner:
                        for _ in range(self.model.config.num_layers)]
         self.sampler = Sampler(config.seed, self.device) if tp.rank == 0 else None
         self.last_sampled: list[int] = []  # the previous step's tokens, on every rank
+        self.model_seconds = 0.0  # of the last step or run: forward, LM head, sampling
         self._ends: list[int] = []
 
     def _bytes_per_block(self) -> int:
@@ -164,8 +166,10 @@ class ModelRunner:
         meta = AttentionMetadata.build(step.starts, step.query_lens, step.block_tables,
                                        self.config.block_size, self.window, self.device)
         ids_t = torch.frombuffer(ids, dtype=torch.int32).to(self.device, torch.long)
+        began = time.perf_counter()
         hidden = self.model(ids_t, meta.positions, self.caches, meta)
         if not step.samples:
+            self.model_seconds = time.perf_counter() - began
             self.last_sampled = []
             return None
         rows = [self._ends[s[0]] - 1 for s in step.samples]
@@ -173,6 +177,7 @@ class ModelRunner:
             hidden = hidden[torch.tensor(rows, device=self.device)]
         logits = self.model.compute_logits(hidden)
         tokens = self.sampler(logits, step.samples) if self.sampler is not None else None
+        self.model_seconds = time.perf_counter() - began
         self.last_sampled = self._share(tokens, len(step.samples))[0].tolist()
         return self.last_sampled if self.sampler is not None else None
 
@@ -180,18 +185,25 @@ class ModelRunner:
                     stop_asked: Callable[[], bool]) -> list[int] | None:
         """Several decode steps, each one's sampled tokens the next one's input. Returns each
         sequence's tokens, sequence by sequence (rank 0; None elsewhere)."""
+        kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         run = DecodeRun.build(step.starts, step.decode_steps, step.block_tables,
-                              self.config.block_size, self.window, self.device)
+                              self.config.block_size, self.window, kv_heads, self.dtype,
+                              self.device)
         tokens = torch.frombuffer(ids, dtype=torch.int32).to(self.device, torch.long)
         specs, drawn = step.samples, any(s[1] > 0 for s in step.samples)
         sampled = []
+        self.model_seconds = 0.0
         for i in range(len(run)):
             meta = run.metadata(i)
-            hidden = self.model(tokens, meta.positions, self.caches, meta)
-            logits = self.model.compute_logits(hidden)
+            for group in meta.decode:  # any masks not built yet, outside the model's time
+                group.bias_for(kv_heads, self.dtype, group.tables.shape[1] * run.block_size)
             if self.sampler is not None and i and drawn:  # a draw's output index moves on
                 specs = [[*s[:5], s[5] + i] for s in step.samples[:run.running[i]]]
+            began = time.perf_counter()
+            hidden = self.model(tokens, meta.positions, self.caches, meta)
+            logits = self.model.compute_logits(hidden)
             new = self.sampler(logits, specs) if self.sampler is not None else None
+            self.model_seconds += time.perf_counter() - began
             stop = self.tp.rank == 0 and i + 1 < len(run) and stop_asked()
             tokens, stop = self._share(new, run.running[i], stop)
             if stop:
