@@ -107,8 +107,8 @@ class RequestLoop:
         built and already queued in their sockets, so the workers never wait for this thread
         (its scheduling, the messages, the stream-back handoff all overlap the forward). The
         next step's tokens that the running step samples travel as placeholders the workers
-        fill in. The price: a sequence that stops (EOS, stop token) computes one extra token,
-        which is dropped."""
+        fill in. The price: a sequence that stops (EOS, stop token) computes the tokens of the
+        step (or run of decode steps) already queued behind, which are dropped."""
         # (step id, [(sampled sequence, tokens it samples)])
         in_flight: deque[tuple[int, list[tuple[Sequence, int]]]] = deque()
         while True:
