@@ -28,17 +28,20 @@ class Blocks:
     """The blocks one group reads: [n, width] block ids, padded with block 0 (masked out)."""
     tables: torch.Tensor
     _rows: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _same_blocks: Blocks | None = field(default=None, init=False, repr=False)
 
     def gather(self, cache: torch.Tensor, kv_heads: int, block_size: int,
                dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every sequence, each [kv_heads, n, width * block_size, dim]: one
         row gather (memcpy per block) for keys and values of every head."""
         rows = cache.view(-1, block_size * dim)
-        if self._rows is None:  # the same for every layer: built by the first
+        # the same for every layer, and every step that reads the same blocks: built once
+        owner = self._same_blocks or self
+        if owner._rows is None:
             per_part = rows.shape[0] // (2 * kv_heads)  # blocks per (key or value, head)
             offsets = torch.arange(2 * kv_heads, device=rows.device).view(-1, 1) * per_part
-            self._rows = (self.tables.view(1, -1) + offsets).view(-1)
-        out = rows.index_select(0, self._rows).view(2, kv_heads, self.tables.shape[0], -1, dim)
+            owner._rows = (self.tables.view(1, -1) + offsets).view(-1)
+        out = rows.index_select(0, owner._rows).view(2, kv_heads, self.tables.shape[0], -1, dim)
         return out[0], out[1]
 
 
@@ -64,7 +67,7 @@ class DecodeGroup(Blocks):
     def at(self, positions: torch.Tensor) -> DecodeGroup:
         """The same sequences and blocks, queried at other positions (a later decode step)."""
         group = DecodeGroup(self.tables, positions, self.rows, self.window)
-        group._rows = self._rows
+        group._same_blocks = self._same_blocks or self
         return group
 
 
