@@ -38,8 +38,10 @@ class DecodeRun:
     running: list[int]             # sequences still running at each step (a prefix)
     groups: list[DecodeGroup]
     widths: list[list[int]]        # the blocks each group reads at each step (0: none running)
-    masks: list[list[torch.Tensor] | None]  # each group's [kv_heads, n, context] mask a step
+    # each group's mask at each step, [kv_heads * n, 1, context] as the score matmul takes it
+    masks: list[list[torch.Tensor] | None]
     block_size: int
+    kv_heads: int
     _cuts: dict = field(default_factory=dict)  # (group index, running, width) -> its cut
 
     @classmethod
@@ -63,17 +65,14 @@ class DecodeRun:
         widths = [((reach if g.rows is None else reach[:, g.rows.cpu()]).amax(dim=1) // bs
                    + 1).tolist() for g in groups]
         positions = positions.to(device)
-        # a step costs a dozen small tensor ops; building every step's masks in one go saves
-        # five of them a step
-        masks = []
-        for g in groups:
-            size = len(steps) * kv_heads * g.tables.numel() * bs
-            at = positions if g.rows is None else positions[:, g.rows]
-            masks.append(causal_mask(at, g.tables.shape[1] * bs, sliding_window).to(dtype)
-                         .unsqueeze(1).expand(-1, kv_heads, -1, -1).contiguous().unbind(0)
-                         if size <= MAX_RUN_MASK_ELEMENTS else None)
+        # a step costs a dozen small tensor ops: building every step's masks in one go, in
+        # the layout the score matmul takes, saves six of them a step
+        masks = [_masks(positions if g.rows is None else positions[:, g.rows], w, bs,
+                        sliding_window, kv_heads, dtype)
+                 if len(steps) * kv_heads * g.tables.numel() * bs <= MAX_RUN_MASK_ELEMENTS
+                 else None for g, w in zip(groups, widths)]
         return cls(list(positions.unbind(0)), list(slots.to(device).unbind(0)),
-                   running.sum(dim=1).tolist(), groups, widths, masks, bs)
+                   running.sum(dim=1).tolist(), groups, widths, masks, bs, kv_heads)
 
     def __len__(self) -> int:
         return len(self.running)
@@ -89,25 +88,46 @@ class DecodeRun:
                 cut, keep = self._cut(index, group, n, widths[step])
                 group = cut.at(positions if cut.rows is None else positions[cut.rows])
                 masks = self.masks[index]
-                if masks is not None:  # [kv, members, context] -> [kv * members, 1, context]
-                    mask = masks[step][:, keep, :widths[step] * self.block_size]
-                    group.set_bias(mask.reshape(-1, 1, mask.shape[-1]))
+                if masks is not None:
+                    mask = masks[step]
+                    if keep is not None:  # some of the group ended: drop their rows
+                        context = mask.shape[-1]
+                        mask = mask.view(self.kv_heads, -1, context)[:, keep]
+                        mask = mask.reshape(-1, 1, context)
+                    group.set_bias(mask)
                 decode.append(group)
         return AttentionMetadata(positions, slots, self.block_size, decode, [])
 
     def _cut(self, index: int, group: DecodeGroup, n: int,
-             width: int) -> tuple[DecodeGroup, slice | torch.Tensor]:
+             width: int) -> tuple[DecodeGroup, slice | torch.Tensor | None]:
         """`group` cut to its members among the first n sequences and to its first `width`
-        blocks, and which of its members those are; kept, since it serves until a sequence
-        ends or a block fills."""
+        blocks, and which of its members those are (None: all); kept, since it serves until
+        a sequence ends or a block fills."""
         key = (index, n, width)
         if key not in self._cuts:
+            members = group.tables.shape[0]
             if group.rows is None:
-                keep = slice(0, n)
+                keep = slice(0, n) if n < members else None
                 cut = DecodeGroup(group.tables[:n, :width].contiguous(), window=group.window)
             else:
-                keep = group.rows < n
-                cut = DecodeGroup(group.tables[keep, :width].contiguous(),
-                                  rows=group.rows[keep], window=group.window)
+                kept = group.rows < n
+                keep = kept if not bool(kept.all()) else None
+                cut = DecodeGroup(group.tables[kept, :width].contiguous(),
+                                  rows=group.rows[kept], window=group.window)
             self._cuts[key] = (cut, keep)
         return self._cuts[key]
+
+
+def _masks(positions: torch.Tensor, widths: list[int], block_size: int,
+           sliding_window: int | None, kv_heads: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each step's mask, [kv_heads * n, 1, context] for the step's width, from each sequence's
+    position at every step ([steps, n]); the steps of one width are built together."""
+    masks: list[torch.Tensor] = [None] * len(widths)  # type: ignore[list-item]
+    for width in set(widths) - {0}:
+        at = [i for i, w in enumerate(widths) if w == width]
+        mask = causal_mask(positions[at], width * block_size, sliding_window).to(dtype)
+        steps, n, context = mask.shape
+        mask = mask.unsqueeze(1).expand(steps, kv_heads, n, context)
+        for i, one in zip(at, mask.reshape(steps, kv_heads * n, 1, context).unbind(0)):
+            masks[i] = one
+    return masks
