@@ -57,8 +57,7 @@ class EngineCore:
         model.check_tensor_parallel(cfg.tensor_parallel_size)
         self.model_config = model
         self.tokenizer = Tokenizer.from_dir(cfg.model)
-        self.eos_token_ids = list(dict.fromkeys([*self.tokenizer.eos_token_ids,
-                                                 *model.eos_token_ids]))
+        self.eos_token_ids = frozenset([*self.tokenizer.eos_token_ids, *model.eos_token_ids])
 
         ipc_dir = wire.private_ipc_dir()
         self._resources.acquired("IPC directory",
@@ -77,8 +76,8 @@ class EngineCore:
         self.stream_back.start()
         self._resources.acquired("stream-back thread",
                                  lambda d: self.stream_back.join(d.left()))
-        self.loop = RequestLoop(group, self.scheduler, self.stream_back, self.eos_token_ids,
-                                cfg.max_model_len, self._on_failure)
+        self.loop = RequestLoop(group, self.scheduler, self.stream_back, cfg.max_model_len,
+                                self._on_failure)
         self.loop.start()
         self._resources.acquired("request loop", self._release_loop)
 
@@ -128,7 +127,9 @@ class EngineCore:
         max_tokens = params.max_tokens or self.config.max_model_len - len(prompt_ids)
         state = RequestState(seq_id, request_id or str(seq_id), prompt, list(prompt_ids),
                              params, self.tokenizer, sink or SyncSink())
-        seq = Sequence(seq_id, list(prompt_ids), len(prompt_ids), params, max_tokens)
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                     else self.eos_token_ids)
+        seq = Sequence(seq_id, list(prompt_ids), len(prompt_ids), params, max_tokens, stops)
         with self._lock:  # terminate() flips the state under this lock: nothing slips past
             self._check_serving()
             self.registry.add(state)

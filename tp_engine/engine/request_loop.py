@@ -34,12 +34,10 @@ class _Stopping(Exception):
 
 class RequestLoop:
     def __init__(self, group: WorkerGroup, scheduler: Scheduler, stream_back: StreamBack,
-                 eos_token_ids: list[int], max_model_len: int,
-                 on_failure: Callable[[EngineError], None]):
+                 max_model_len: int, on_failure: Callable[[EngineError], None]):
         self.group = group
         self.scheduler = scheduler
         self.stream_back = stream_back
-        self.eos = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.on_failure = on_failure
         self.seqs: dict[int, Sequence] = {}
@@ -141,9 +139,6 @@ class RequestLoop:
         while self._inbox:
             kind, item = self._inbox.popleft()
             if kind == "add":
-                p = item.params
-                item.stops = frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos
-                                                            else self.eos)
                 self.seqs[item.seq_id] = item
                 self.scheduler.add(item)
             elif item in self.seqs:

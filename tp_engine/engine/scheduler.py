@@ -33,11 +33,11 @@ class Sequence:
     prompt_len: int
     params: SamplingParams
     max_tokens: int
+    stops: frozenset[int] = frozenset()  # the tokens that end it: its stop tokens, EOS
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
     pending: int = 0        # tokens the steps in flight sample for it, not yet received
     pending_index: int = 0  # its sample's index in the last step sent (the worker's reference)
-    stops: frozenset[int] = frozenset()  # the tokens that end it: its stop tokens, EOS
 
     @property
     def num_output(self) -> int:

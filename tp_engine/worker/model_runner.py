@@ -81,9 +81,10 @@ class ModelRunner:
         self.window = self.model.config.sliding_window
         self.num_blocks = self._agree_on_blocks()
         attn = self.model.model.layers[0].self_attn
+        self.kv_heads = attn.num_kv_heads  # per rank
         slots = self.num_blocks * config.block_size
         # paged_attention reads each buffer as [2, kv_heads, blocks, block_size * head_dim]
-        shape = (2, attn.num_kv_heads, slots, attn.head_dim)
+        shape = (2, self.kv_heads, slots, attn.head_dim)
         self.caches = [zeros_in_huge_pages(shape, self.dtype, self.device)
                        for _ in range(self.model.config.num_layers)]
         self.sampler = Sampler(config.seed, self.device) if tp.rank == 0 else None
@@ -127,7 +128,12 @@ class ModelRunner:
             raise ValueError("step: starts, query_lens and block_tables differ in length")
         if len(step.token_ids) != 4 * sum(qlens) or min(qlens) < 1:
             raise ValueError("step: token bytes do not match query_lens")
-        ends = list(map(operator.add, starts, qlens))
+        if any(not 0 <= s[0] < n for s in step.samples):
+            raise ValueError("step: a sample names no sequence")
+        if step.decode_steps:
+            self._check_run(step)
+        # a run of decode steps reaches decode_steps[i] positions past starts[i]
+        ends = list(map(operator.add, starts, step.decode_steps or qlens))
         if max(ends) > self.config.max_model_len:
             raise ValueError("step: a sequence runs past max_model_len")
         bs = self.config.block_size
@@ -136,12 +142,8 @@ class ModelRunner:
         used = [t for t in tables if t]
         if used and (min(map(min, used)) < 0 or max(map(max, used)) >= self.num_blocks):
             raise ValueError("step: a block id is out of range")
-        if any(not 0 <= s[0] < n for s in step.samples):
-            raise ValueError("step: a sample names no sequence")
-        if step.decode_steps:
-            self._check_run(step, bs)
 
-    def _check_run(self, step: Step, bs: int) -> None:
+    def _check_run(self, step: Step) -> None:
         runs = step.decode_steps
         if len(runs) != len(step.starts) or len(step.samples) != len(runs):
             raise ValueError("step: decode_steps needs one count and one sample per sequence")
@@ -151,11 +153,6 @@ class ModelRunner:
             raise ValueError(f"step: decode_steps must be 1 to {MAX_DECODE_STEPS}")
         if any(a < b for a, b in zip(runs, runs[1:])):
             raise ValueError("step: decode_steps must not increase along the batch")
-        ends = list(map(operator.add, step.starts, runs))
-        if max(ends) > self.config.max_model_len:
-            raise ValueError("step: a sequence runs past max_model_len")
-        if any(len(t) * bs < e for t, e in zip(step.block_tables, ends)):
-            raise ValueError("step: a block table is too short for its decode steps")
 
     @torch.inference_mode()
     def step(self, step: Step, stop_asked: Callable[[], bool] = lambda: False) -> list[int] | None:
@@ -187,9 +184,8 @@ class ModelRunner:
                     stop_asked: Callable[[], bool]) -> list[int] | None:
         """Several decode steps, each one's sampled tokens the next one's input. Returns each
         sequence's tokens, sequence by sequence (rank 0; None elsewhere)."""
-        kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         run = DecodeRun.build(step.starts, step.decode_steps, step.block_tables,
-                              self.config.block_size, self.window, kv_heads, self.dtype,
+                              self.config.block_size, self.window, self.kv_heads, self.dtype,
                               self.device)
         tokens = torch.frombuffer(ids, dtype=torch.int32).to(self.device, torch.long)
         specs, drawn = step.samples, any(s[1] > 0 for s in step.samples)
@@ -199,7 +195,8 @@ class ModelRunner:
         for i in range(len(run)):
             meta = run.metadata(i)
             for group in meta.decode:  # any masks not built yet, outside the model's time
-                group.bias_for(kv_heads, self.dtype, group.tables.shape[1] * run.block_size)
+                group.bias_for(self.kv_heads, self.dtype,
+                               group.tables.shape[1] * run.block_size)
             if self.sampler is not None and i and drawn:  # a draw's output index moves on
                 specs = [[*s[:5], s[5] + i] for s in step.samples[:run.running[i]]]
             began = time.perf_counter()
