@@ -72,6 +72,16 @@ def test_batch_equals_each_alone_through_chunking_and_preemption(tiny_model, eng
     assert [o.token_ids for o in squeezed] == alone
 
 
+def test_generate_admits_its_prompts_in_one_step(engine):
+    """Queued one by one, the first prompt would start alone, a step ahead of the others (and
+    the batch would then decode at two lengths): generate() queues them together."""
+    before = engine._core.stats()["steps"]
+    prompts = [[(5 * i + j) % 300 + 4 for j in range(8 + i % 24)] for i in range(64)]
+    outputs = engine.generate(as_inputs(prompts), SamplingParams(max_tokens=1, temperature=0))
+    assert [len(o.token_ids) for o in outputs] == [1] * 64
+    assert engine._core.stats()["steps"] - before == 1
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
     seeded = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     alone = engine.generate(as_inputs([PROMPTS[0]]), seeded)[0].token_ids

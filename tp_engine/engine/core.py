@@ -121,6 +121,23 @@ class EngineCore:
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink=None,
                prompt: str | None = None, request_id: str | None = None) -> RequestState:
         """Queue one request. Raises at once (nothing queued) when it cannot be served."""
+        state, seq = self._request(prompt_ids, params, sink, prompt, request_id)
+        self._queue([(state, seq)])
+        return state
+
+    def submit_many(self, requests: list[tuple[list[int], SamplingParams, str | None]],
+                    ) -> list[RequestState]:
+        """Queue (prompt ids, params, prompt text) requests together, so the request loop
+        admits them in one step: submitted one by one, the first would start alone, a step
+        ahead of the rest, and the batch would decode at two lengths (two attention groups).
+        Raises at once (nothing queued) when one cannot be served."""
+        made = [self._request(ids, params, None, prompt) for ids, params, prompt in requests]
+        self._queue(made)
+        return [state for state, _ in made]
+
+    def _request(self, prompt_ids: list[int], params: SamplingParams, sink,
+                 prompt: str | None, request_id: str | None = None,
+                 ) -> tuple[RequestState, Sequence]:
         params.validate()
         self.check_prompt(prompt_ids)
         seq_id = next(self._seq_ids)
@@ -129,12 +146,15 @@ class EngineCore:
                              params, self.tokenizer, sink or SyncSink())
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
                                                      else self.eos_token_ids)
-        seq = Sequence(seq_id, list(prompt_ids), len(prompt_ids), params, max_tokens, stops)
+        return state, Sequence(seq_id, list(prompt_ids), len(prompt_ids), params, max_tokens,
+                               stops)
+
+    def _queue(self, requests: list[tuple[RequestState, Sequence]]) -> None:
         with self._lock:  # terminate() flips the state under this lock: nothing slips past
             self._check_serving()
-            self.registry.add(state)
-            self.loop.add(seq)
-        return state
+            for state, _ in requests:
+                self.registry.add(state)
+            self.loop.add([seq for _, seq in requests])
 
     def _check_serving(self) -> None:
         if self.state == "failed" and self._failure is not None:

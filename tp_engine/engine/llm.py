@@ -42,13 +42,9 @@ class Engine(EngineFront):
             params = [sampling_params or SamplingParams()] * len(prompts)
         core = self._core
         inputs = [prompt_input(core, p) for p in prompts]
-        for (_, ids), p in zip(inputs, params):  # all checked before any is queued
-            p.validate()
-            core.check_prompt(ids)
-        states: list[RequestState] = []
+        states: list[RequestState] = core.submit_many(
+            [(ids, p, text) for (text, ids), p in zip(inputs, params)])
         try:
-            for (text, ids), p in zip(inputs, params):
-                states.append(core.submit(ids, p, SyncSink(), text))
             bar = tqdm(total=len(states), desc="generate", disable=not use_tqdm)
             outputs = []
             for state in states:

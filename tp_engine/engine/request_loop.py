@@ -60,8 +60,8 @@ class RequestLoop:
     def start(self) -> None:
         self.thread.start()
 
-    def add(self, seq: Sequence) -> None:
-        self._inbox.append(("add", seq))
+    def add(self, seqs: list[Sequence]) -> None:
+        self._inbox.extend([("add", seq) for seq in seqs])  # at once: admitted together
         self._waker.wake()
 
     def abort(self, seq_id: int) -> None:

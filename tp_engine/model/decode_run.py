@@ -36,6 +36,8 @@ class DecodeRun:
     positions: list[torch.Tensor]  # each step's query position of every sequence
     slots: list[torch.Tensor]      # each step's cache slot of every sequence
     running: list[int]             # sequences still running at each step (a prefix)
+    ran: torch.Tensor              # [n, steps]: whether sequence i runs step j
+    last: torch.Tensor             # [n]: the index of each sequence's last step
     groups: list[DecodeGroup]
     widths: list[list[int]]        # the blocks each group reads at each step (0: none running)
     # each group's mask at each step, [kv_heads * n, 1, context] as the score matmul takes it
@@ -72,10 +74,17 @@ class DecodeRun:
                  if len(steps) * kv_heads * g.tables.numel() * bs <= MAX_RUN_MASK_ELEMENTS
                  else None for g, w in zip(groups, widths)]
         return cls(list(positions.unbind(0)), list(slots.to(device).unbind(0)),
-                   running.sum(dim=1).tolist(), groups, widths, masks, bs, kv_heads)
+                   running.sum(dim=1).tolist(), running.T.to(device), (count - 1).to(device),
+                   groups, widths, masks, bs, kv_heads)
 
     def __len__(self) -> int:
         return len(self.running)
+
+    def by_sequence(self, sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From each step's tokens ([steps, n]; a sequence's entries past its last step are
+        never read): every sequence's tokens, sequence by sequence, and each one's last."""
+        per_seq = sampled.T
+        return per_seq[self.ran], per_seq.gather(1, self.last[:, None]).squeeze(1)
 
     def metadata(self, step: int) -> AttentionMetadata:
         n = self.running[step]

@@ -189,7 +189,8 @@ class ModelRunner:
                               self.device)
         tokens = torch.frombuffer(ids, dtype=torch.int32).to(self.device, torch.long)
         specs, drawn = step.samples, any(s[1] > 0 for s in step.samples)
-        sampled = []
+        # each step's tokens, kept on the device: one copy out at the end of the run
+        sampled = torch.empty(len(run), len(step.starts), dtype=torch.long, device=self.device)
         self.model_seconds = 0.0
         ask_at = time.perf_counter()  # when to ask next whether SHUTDOWN came
         for i in range(len(run)):
@@ -212,12 +213,12 @@ class ModelRunner:
             tokens, stop = self._share(new, run.running[i], stop)
             if stop:
                 raise Interrupted
-            sampled.append(tokens.tolist())
+            sampled[i, :tokens.shape[0]] = tokens
             if i + 1 < len(run) and run.running[i + 1] < len(tokens):  # some end here
                 tokens = tokens[:run.running[i + 1]]
-        per_seq = [[sampled[i][row] for i in range(k)] for row, k in enumerate(step.decode_steps)]
-        self.last_sampled = [seq[-1] for seq in per_seq]
-        return [t for seq in per_seq for t in seq] if self.sampler is not None else None
+        flat, last = run.by_sequence(sampled)
+        self.last_sampled = last.tolist()
+        return flat.tolist() if self.sampler is not None else None
 
     def _token_ids(self, step: Step) -> array:
         """The step's token ids, the placeholders filled in: the request loop sends the next
