@@ -4,6 +4,7 @@ chunked prefill and preemption give each request exactly what it gets alone."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -72,14 +73,23 @@ def test_batch_equals_each_alone_through_chunking_and_preemption(tiny_model, eng
     assert [o.token_ids for o in squeezed] == alone
 
 
-def test_generate_admits_its_prompts_in_one_step(engine):
+def test_generate_admits_its_prompts_in_one_step(tiny_model, monkeypatch):
     """Queued one by one, the first prompt would start alone, a step ahead of the others (and
-    the batch would then decode at two lengths): generate() queues them together."""
-    before = engine._core.stats()["steps"]
-    prompts = [[(5 * i + j) % 300 + 4 for j in range(8 + i % 24)] for i in range(64)]
-    outputs = engine.generate(as_inputs(prompts), SamplingParams(max_tokens=1, temperature=0))
-    assert [len(o.token_ids) for o in outputs] == [1] * 64
-    assert engine._core.stats()["steps"] - before == 1
+    the batch would then decode at two lengths): generate() queues them together, however
+    long each takes to prepare (here 2 ms, so one-by-one queueing would always be seen). A
+    fresh engine, so no step of an earlier test is still in flight."""
+    prompts = [[(5 * i + j) % 300 + 4 for j in range(8 + i % 24)] for i in range(32)]
+    with Engine(tiny_model, device="cpu") as engine:
+        prepare = engine._core._request
+
+        def slowly(*args, **kwargs):
+            time.sleep(0.002)
+            return prepare(*args, **kwargs)
+
+        monkeypatch.setattr(engine._core, "_request", slowly)
+        outputs = engine.generate(as_inputs(prompts), SamplingParams(max_tokens=1, temperature=0))
+        assert [len(o.token_ids) for o in outputs] == [1] * 32
+        assert engine._core.stats()["steps"] == 1
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
