@@ -13,10 +13,11 @@ control plane: engine step minus model: everything else, measured in the same st
 bare forward: the same model in this process, same threads, same batch, same contexts: the
     forward, the LM head and the greedy argmax of each step, every input built beforehand.
 engine - bare: the control-plane cost as the target defines it (the verdict): runs alternate
-    with the engine's, and this is the median of the differences of each pair, with a 90%
-    bootstrap interval. It also counts what the engine's presence costs the forward itself,
-    but on a shared machine whose speed drifts by a third within seconds it is the noisier
-    of the two measures (the interval says how much)."""
+    with the engine's (the bare first in every other pair), and this is the median of the
+    differences of each pair, with a 90% bootstrap interval. It also counts what the
+    engine's presence costs the forward itself, but on a shared machine whose speed drifts
+    by a third within seconds it is the noisier of the two measures (the interval says how
+    much)."""
 
 from __future__ import annotations
 
@@ -134,13 +135,19 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
             prompts = [r.prompt_ids for r in common.workload(
                 batch, (args.prompt_len, args.prompt_len), (1, 1), vocab, args.workload_seed)]
             engine_step(engine, prompts, 1, 24)  # warm-up
+            # the bare times the same decode steps: those that sampled tokens first+1..last
+            window = tuple(x + 1 for x in engine_step(engine, prompts, t1, t2)[2:])
             engine_steps, model, bare_steps, differences = [], [], [], []
-            for _ in range(args.runs):  # alternated, so a burst of load hits both sides
+            for i in range(args.runs):
+                # alternated, so a burst of load hits both sides; every other pair the bare
+                # goes first, so a steady drift in the machine's speed favours neither
+                forward = bare.steps(prompts, *window) if i % 2 else None
                 step, in_model, first, last = engine_step(engine, prompts, t1, t2)
+                if forward is None or window != (first + 1, last + 1):
+                    window = (first + 1, last + 1)
+                    forward = bare.steps(prompts, *window)
                 engine_steps.append(step)
                 model.append(in_model)
-                # the same decode steps: those that sampled tokens first+1..last
-                forward = bare.steps(prompts, first + 1, last + 1)
                 bare_steps.append(sum(forward) / len(forward))
                 differences.append(engine_steps[-1] - bare_steps[-1])
             ms = [common.ms(common.median(x)) for x in (engine_steps, model, bare_steps)]
