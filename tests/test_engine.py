@@ -92,6 +92,25 @@ def test_generate_admits_its_prompts_in_one_step(tiny_model, monkeypatch):
         assert engine._core.stats()["steps"] == 1
 
 
+def test_the_blocks_freed_last_are_taken_first():
+    """So the cache's working set stays as small as the load (memory already mapped, likely
+    still in the CPU's caches), instead of a queue walking every block of the cache."""
+    from tp_engine.engine.block_manager import BlockManager
+
+    blocks = BlockManager(1000, 16)
+    first, second = [], []
+    assert blocks.grow(first, 40) and blocks.grow(second, 17)
+    assert first == [0, 1, 2] and second == [3, 4]
+    blocks.free(first)
+    again = []
+    assert blocks.grow(again, 64)
+    assert again == [0, 1, 2, 5]
+    assert not blocks.grow(again, 16 * 1000) and again == [0, 1, 2, 5]  # all or nothing
+    blocks.free(again)
+    blocks.free(second)
+    assert blocks.num_free == 1000
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
     seeded = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=1234)
     alone = engine.generate(as_inputs([PROMPTS[0]]), seeded)[0].token_ids

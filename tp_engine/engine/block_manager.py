@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from collections import deque
-
 
 class BlockManager:
+    """Free blocks are a stack: the most recently freed go out first, so the cache's working
+    set stays as small as the load. Its memory is mapped on first touch; taken in turn (a
+    queue), the blocks walked the whole cache (a quarter GB per CPU worker by default) and the
+    worker kept faulting in new pages: 2,900, 1,100 and 1,050 page faults in three batches of
+    64 requests of 128 tokens after a short one, against 1,800, 275 and then tens with a
+    stack."""
+
     def __init__(self, num_blocks: int, block_size: int):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free = deque(range(num_blocks))
+        self._free = list(range(num_blocks - 1, -1, -1))  # block 0 on top
 
     @property
     def num_free(self) -> int:
@@ -31,9 +36,11 @@ class BlockManager:
         need = self.extra_blocks(table, num_tokens)
         if need > len(self._free):
             return False
-        table.extend(self._free.popleft() for _ in range(need))
+        if need:
+            table.extend(reversed(self._free[-need:]))
+            del self._free[-need:]
         return True
 
     def free(self, table: list[int]) -> None:
-        self._free.extend(table)
+        self._free.extend(reversed(table))  # its first block on top
         table.clear()
