@@ -43,6 +43,7 @@ def engine_step(engine, prompts: list[list[int]], t1: int,
     batch of tokens that ends at or after output token t1 to the first that ends at or after
     t2 (and after the first); and the indices of those two tokens."""
     from tp_engine import SamplingParams
+    from tp_engine.engine.llm import wait
 
     loop = engine._core.loop
     run = engine.config.decode_steps  # a batch ends at least every `run` tokens
@@ -59,8 +60,7 @@ def engine_step(engine, prompts: list[list[int]], t1: int,
         if delta.finish_reason is not None:
             break
     for state in states[1:]:  # the others finish with the same step
-        while state.get().finish_reason is None:
-            pass
+        wait(state)
     first = next(a for a in arrivals if a[0] >= t1)
     last = next(a for a in arrivals if a[0] >= max(t2, first[0] + 1))
     steps = last[2] - first[2]
