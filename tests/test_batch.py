@@ -88,7 +88,7 @@ def test_sigkill_at_three_random_moments_then_rerun_gives_each_request_once(
     rng = random.Random(7)
     for _ in range(3):
         job = subprocess.Popen(batch_cmd(tiny_model, inp, out, "--tp", "2",
-                                         "--max-in-flight", "4"), env=ENV,
+                                         "--max-in-flight", "2"), env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(2.0, 5.0))
         job.send_signal(signal.SIGKILL)
