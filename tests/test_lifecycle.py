@@ -213,10 +213,10 @@ def test_missing_checkpoint_leaves_nothing(baseline, tmp_path):
     assert_back_to(baseline)
 
 
-def test_tp_not_dividing_heads_leaves_nothing(warm, baseline):
+def test_tp_past_the_heads_leaves_nothing(warm, baseline):
     with pytest.raises(ConfigError) as info:
-        engine(warm, tensor_parallel_size=3)  # the tiny model has 4 heads
-    assert "3" in str(info.value)
+        engine(warm, tensor_parallel_size=5)  # the tiny model has 4 heads
+    assert "tensor_parallel_size=5" in str(info.value) and "4" in str(info.value)
     assert isinstance(info.value, ValueError)
     assert_back_to(baseline)
 

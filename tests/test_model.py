@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from checkpoints import VARIANTS, build, greedy, reference
+from checkpoints import SMALL, VARIANTS, build, greedy, reference
 from ranks import run_ranks
 
 from tp_engine.model.attention import AttentionMetadata
@@ -79,8 +79,34 @@ def run_variants(tp: TensorParallel, paths: dict) -> dict:
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_logits_and_greedy_match_transformers(checkpoints, tp):
-    results = run_ranks(tp, run_variants, checkpoints)
-    for name, path in checkpoints.items():
+    assert_match_transformers(run_ranks(tp, run_variants, checkpoints), checkpoints)
+
+
+# sizes no TP size of the tests divides evenly: 9 heads over 3 KV heads (SmolLM2's shape),
+# 6 heads over 2; MLP widths of 100 and 90
+UNEVEN = {"9 heads": ("llama", dict(num_attention_heads=9, num_key_value_heads=3,
+                                    hidden_size=72, intermediate_size=100)),
+          "6 heads": ("qwen2", dict(num_attention_heads=6, num_key_value_heads=2,
+                                    hidden_size=48, intermediate_size=90))}
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    return {name: build(variant, tmp_path_factory.mktemp(variant), **shape)
+            for name, (variant, shape) in UNEVEN.items()}
+
+
+@pytest.mark.parametrize("tp, name", [(2, "9 heads"), (3, "9 heads"), (4, "6 heads")])
+def test_uneven_tensor_parallel_matches_transformers(uneven, tp, name):
+    """Heads, KV heads and the MLP shard as evenly as possible; a KV head whose query heads
+    two ranks share is held by both (at TP 2 on 9 heads, rank 0's heads 0-4 use KV heads 0
+    and 1 unevenly)."""
+    paths = {name: uneven[name]}
+    assert_match_transformers(run_ranks(tp, run_variants, paths), paths)
+
+
+def assert_match_transformers(results: dict, paths: dict) -> None:
+    for name, path in paths.items():
         ref = reference(path)
         got = results[name]
         with torch.no_grad():
@@ -115,3 +141,18 @@ def test_each_rank_holds_its_share(checkpoints):
     for share in per_rank:
         # only the vocabulary's padding row makes a shard larger than an exact half
         assert abs(share - whole / 2) <= 64 * 4 * 2, (share, whole)
+
+
+@pytest.mark.parametrize("tp, name", [(2, "9 heads"), (3, "9 heads"), (4, "6 heads")])
+def test_each_rank_holds_about_its_share_when_uneven(uneven, tp, name):
+    """An uneven shard differs from an exact 1/TP by at most, in every layer, one query head,
+    one KV head (the one two ranks share) and one MLP row, plus the vocabulary's padding."""
+    whole = run_ranks(1, parameter_bytes, uneven[name])[0]
+    per_rank = run_ranks(tp, parameter_bytes, uneven[name])
+    shape = {**SMALL, **UNEVEN[name][1]}
+    hidden, dim = shape["hidden_size"], shape["hidden_size"] // shape["num_attention_heads"]
+    per_layer = (2 * hidden * dim + dim) + 2 * (hidden * dim + dim) + 3 * hidden
+    slack = 4 * (shape["num_hidden_layers"] * per_layer + 2 * hidden)
+    assert len(per_rank) == tp
+    for share in per_rank:
+        assert abs(share - whole / tp) <= slack, (per_rank, whole, slack)

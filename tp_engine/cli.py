@@ -1,57 +1,79 @@
 """`tp-engine` (also `python -m tp_engine`): one subcommand per entry point. Every subcommand
-takes `--config FILE.yaml` and the Engine keywords as flags."""
+that runs an engine takes `--config FILE.yaml` and the Engine keywords as flags, one per
+`EngineConfig` field. Errors are one line on stderr and exit 1 (`--debug`: the traceback)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import sys
+import typing
 from collections.abc import Sequence
 
-ENGINE_FLAGS = {  # flag -> (Engine keyword, type)
-    "--tensor-parallel-size": ("tensor_parallel_size", int),
-    "--device": ("device", str),
-    "--dtype": ("dtype", str),
-    "--max-model-len": ("max_model_len", int),
-    "--max-num-seqs": ("max_num_seqs", int),
-    "--max-num-batched-tokens": ("max_num_batched_tokens", int),
-    "--decode-steps": ("decode_steps", int),
-    "--num-kv-blocks": ("num_kv_blocks", int),
-    "--kv-cache-memory-gb": ("kv_cache_memory_gb", float),
-    "--gpu-memory-utilization": ("gpu_memory_utilization", float),
-    "--seed": ("seed", int),
-    "--start-method": ("start_method", str),
-}
+from tp_engine.config import EngineConfig
+from tp_engine.errors import ConfigError, EngineError
+
+# the fields that are not flags: the positional MODEL; a secret, never on a command line (its
+# variable is TP_ENGINE_AUTH_KEY); the control socket's address, set under torchrun (from
+# MASTER_ADDR) or in a --config file, and `serve --host` is the HTTP address
+NOT_FLAGS = ("model", "auth_key", "host")
+METAVARS = {int: "N", float: "X", str: "S"}
+
+
+def engine_fields() -> list[tuple[dataclasses.Field, type]]:
+    """The EngineConfig fields given as flags, each with the type its flag parses."""
+    hints = typing.get_type_hints(EngineConfig)
+    return [(f, _parsed_type(hints[f.name])) for f in dataclasses.fields(EngineConfig)
+            if f.name not in NOT_FLAGS]
+
+
+def _parsed_type(hint: typing.Any) -> type:
+    """`X | None` parses as X."""
+    return next((t for t in typing.get_args(hint) if t is not type(None)), hint)
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="checkpoint directory or tiny-llama, "
-                        "tiny-qwen2, tiny-mistral (built on first use)")
-    parser.add_argument("--config", help="YAML file of Engine keywords")
-    for flag, (dest, kind) in ENGINE_FLAGS.items():
-        names = [flag, "--tp"] if dest == "tensor_parallel_size" else [flag]
-        parser.add_argument(*names, dest=dest, type=kind, default=None)
+    """MODEL, --config and one flag per field. No defaults are set here: a flag not given
+    stays None, so the --config file's value (or the field's default) wins."""
+    model = next(f for f in dataclasses.fields(EngineConfig) if f.name == "model")
+    parser.add_argument("model", nargs="?", metavar="MODEL", help=model.metadata["help"])
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help="YAML file of Engine keywords; the flags given override it")
+    for f, kind in engine_fields():
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag, "--tp"] if f.name == "tensor_parallel_size" else [flag]
+        help_text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
+        if kind is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                                help=help_text)
+        else:
+            choices = f.metadata.get("choices")
+            parser.add_argument(*names, dest=f.name, type=kind, choices=choices, help=help_text,
+                                metavar=None if choices else METAVARS.get(kind, "S"))
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    """The Engine keywords: the YAML file's, overridden by the flags given."""
+    """The Engine keywords: the YAML file's, overridden by the flags given (under torchrun,
+    what `run_under_torchrun` set)."""
     if getattr(args, "engine_overrides", None):
         return args.engine_overrides
-    kwargs = {dest: getattr(args, dest) for dest, _ in ENGINE_FLAGS.values()
-              if getattr(args, dest) is not None}
+    kwargs = {f.name: getattr(args, f.name) for f, _ in engine_fields()
+              if getattr(args, f.name, None) is not None}
     if args.model:
         kwargs["model"] = args.model
     if args.config:
-        from tp_engine.config import EngineConfig
-
-        return vars(EngineConfig.from_yaml(args.config, **kwargs))
+        try:
+            return vars(EngineConfig.from_yaml(args.config, **kwargs))
+        except (OSError, ValueError, TypeError) as e:  # a missing file or model, a bad value
+            raise ConfigError(str(e)) from e
     if "model" not in kwargs:
-        raise SystemExit("error: give a MODEL or a --config that names one")
+        raise ConfigError("give a MODEL or a --config that names one")
     return kwargs
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from tp_engine import Engine
-    from tp_engine.errors import EngineError
 
     with Engine(**engine_kwargs(args)) as engine:
         create = dict(max_tokens=args.max_tokens, temperature=args.temperature,
@@ -66,10 +88,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 pieces = (c.choices[0].text for c in stream if c.choices)
             for piece in pieces:
                 print(piece or "", end="", flush=True)
-            print()
-        except EngineError as e:
-            print(f"\nerror: {e}", file=sys.stderr)
-            return 1
+        except EngineError:
+            print(flush=True)  # the partial output ends its line; main() says what failed
+            raise
+        print()
     return 0
 
 
@@ -128,12 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="print a completion, streamed")
     add_engine_flags(gen)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, metavar="TEXT")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--sample-seed", type=int, default=None)
+    gen.add_argument("--max-tokens", type=int, default=64, metavar="N",
+                     help="most tokens to generate (default: 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="X",
+                     help="0 is greedy (default: 0.0)")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="X", help="(default: 1.0)")
+    gen.add_argument("--sample-seed", type=int, default=None, metavar="N",
+                     help="seed of this request's sampling (default: the engine's sampler)")
     gen.set_defaults(run=cmd_generate)
 
     batch = sub.add_parser("batch", help="run an OpenAI Batch API JSONL file, resumable")
@@ -171,20 +196,34 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--arch", choices=["llama", "qwen2", "mistral"], default="llama")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=cmd_make_tiny_model)
+    add_debug_flag(parser)
     return parser
+
+
+def add_debug_flag(parser: argparse.ArgumentParser, default: object = False) -> None:
+    """`--debug` before or after the subcommand (and a bench mode): the subparsers' flag has
+    no default, so it never overwrites the `--debug` given before the subcommand."""
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="on an error show the traceback, and log at debug level")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                add_debug_flag(subparser, argparse.SUPPRESS)
 
 
 def run_under_torchrun(args: argparse.Namespace, rank: int, world_size: int) -> int:
     """torchrun started this process as one rank: rank 0 runs the subcommand with the
     controller, every other rank runs the worker loop only."""
-    from tp_engine.config import EngineConfig
     from tp_engine.engine.torchrun_group import master_host, serve_rank
     from tp_engine.worker.distributed import init_distributed
 
     kwargs = dict(engine_kwargs(args), tensor_parallel_size=world_size, start_method="torchrun")
     kwargs.setdefault("host", master_host())
     args.engine_overrides = kwargs
-    config = EngineConfig(**kwargs)
+    try:
+        config = EngineConfig(**kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from e
     init_distributed(rank, world_size, "env://", config.device, config.startup_timeout)
     if rank == 0:
         return args.run(args)
@@ -192,10 +231,26 @@ def run_under_torchrun(args: argparse.Namespace, rank: int, world_size: int) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. An engine error (a missing model, a bad value, a worker that died)
+    is one line, `error: ...`, and exit 1; Ctrl-C is exit 130; `--debug` shows tracebacks."""
     args = build_parser().parse_args(argv)
-    from tp_engine.engine.torchrun_group import torchrun_env
+    if args.debug:
+        logging.basicConfig(level=logging.DEBUG,
+                            format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from tp_engine.engine.torchrun_group import torchrun_env
 
-    ranks = torchrun_env()
-    if ranks is not None and hasattr(args, "model"):  # the subcommands that run an engine
-        return run_under_torchrun(args, *ranks)
-    return args.run(args)
+        ranks = torchrun_env()
+        if ranks is not None and hasattr(args, "model"):  # the subcommands that run an engine
+            return run_under_torchrun(args, *ranks)
+        return args.run(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(file=sys.stderr)
+        return 130
+    except EngineError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1

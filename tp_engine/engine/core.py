@@ -53,10 +53,10 @@ class EngineCore:
 
     def _start(self) -> None:
         cfg = self.config
-        model = ModelConfig.from_dir(cfg.model)
+        model = ModelConfig.load(cfg.model)
         model.check_tensor_parallel(cfg.tensor_parallel_size)
         self.model_config = model
-        self.tokenizer = Tokenizer.from_dir(cfg.model)
+        self.tokenizer = Tokenizer.load(cfg.model)
         self.eos_token_ids = frozenset([*self.tokenizer.eos_token_ids, *model.eos_token_ids])
 
         ipc_dir = wire.private_ipc_dir()
@@ -70,6 +70,8 @@ class EngineCore:
         group.wait_ready(cfg.startup_timeout)
 
         self.blocks = BlockManager(group.ready[0].num_kv_blocks, cfg.block_size)
+        log.info("KV cache: %d blocks of %d tokens a rank (%s)", self.blocks.num_blocks,
+                 cfg.block_size, cfg.kv_cache_sizing)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                    cfg.max_model_len, cfg.decode_steps)
         self.stream_back = StreamBack(self.registry, self.abort_seq)

@@ -149,6 +149,18 @@ class Tokenizer:
         self._compiled: dict[str, jinja2.Template] = {}
 
     @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """The tokenizer of a checkpoint directory or of a GGUF file (from its metadata)."""
+        from tp_engine.model.gguf_file import find_gguf, open_gguf
+
+        gguf = find_gguf(path)
+        if gguf is None:
+            return cls.from_dir(path)
+        from tp_engine.engine.gguf_tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(open_gguf(gguf).metadata, str(gguf))
+
+    @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
         """Load tokenizer.json plus tokenizer_config, chat template and generation_config."""
         root = Path(path)

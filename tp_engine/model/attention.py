@@ -69,22 +69,32 @@ class AttentionMetadata:
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads * dim]."""
+                    meta: AttentionMetadata, scale: float,
+                    kv_expand: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads * dim].
+    `kv_expand`: the KV head each even group of query heads reads, where the heads do not
+    fall evenly under the KV heads (uneven tensor parallelism); None: in order."""
     kv_heads, dim = k.shape[1], k.shape[2]
     slots = cache.view(2, kv_heads, -1, dim)
     slots[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     slots[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     gather = (cache, kv_heads, meta.block_size, dim)
+
+    def context(group: DecodeGroup | PrefillGroup) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = group.gather(*gather)
+        if kv_expand is None:
+            return keys, values
+        return keys.index_select(0, kv_expand), values.index_select(0, kv_expand)
+
     groups = [*meta.decode, *meta.prefill]
     if len(groups) == 1 and groups[0].rows is None:  # one group in token order: no copies
         group = groups[0]
         compute = _prefill if isinstance(group, PrefillGroup) else _decode
-        return compute(q, group, scale, *group.gather(*gather))
+        return compute(q, group, scale, *context(group))
     out = q.new_empty(q.shape[0], q.shape[1] * dim)
     for group in groups:
         compute = _prefill if isinstance(group, PrefillGroup) else _decode
-        out[group.rows] = compute(q[group.rows], group, scale, *group.gather(*gather))
+        out[group.rows] = compute(q[group.rows], group, scale, *context(group))
     return out
 
 

@@ -33,10 +33,22 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        """The config of a checkpoint directory or of a GGUF file (or a directory holding one)."""
+        from tp_engine.model.gguf_file import find_gguf, open_gguf
+
+        gguf = find_gguf(path)
+        if gguf is None:
+            return cls.from_dir(path)
+        from tp_engine.model.gguf_checkpoint import gguf_model_config
+
+        return gguf_model_config(open_gguf(gguf))
+
+    @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
         file = Path(path) / "config.json"
         if not file.is_file():
-            raise FileNotFoundError(f"no config.json in the checkpoint directory {path}")
+            raise FileNotFoundError(f"{path}: no config.json and no .gguf file in it")
         raw = json.loads(file.read_text())
         return cls.from_dict(raw, source=str(file))
 
@@ -79,19 +91,14 @@ class ModelConfig:
         )
 
     def check_tensor_parallel(self, tp: int) -> None:
-        """Raise a ValueError naming the parameter when `tp` cannot shard this model."""
-        if tp < 1:
-            raise ValueError(f"tensor_parallel_size must be at least 1, got {tp}")
-        if self.num_heads % tp:
-            raise ValueError(f"tensor_parallel_size={tp} does not divide num_attention_heads="
+        """Raise a ValueError naming the parameter when `tp` cannot shard this model. Sizes
+        that do not divide the heads or the MLP shard unevenly (see model/parallel.py)."""
+        if not 1 <= tp <= self.num_heads:
+            raise ValueError(f"tensor_parallel_size={tp}: must be 1 to num_attention_heads="
                              f"{self.num_heads}")
-        kv = self.num_kv_heads
-        if (kv % tp) if kv >= tp else (tp % kv):
-            raise ValueError(f"tensor_parallel_size={tp} and num_key_value_heads={kv}: one must"
-                             " divide the other")
-        if self.intermediate_size % tp:
-            raise ValueError(f"tensor_parallel_size={tp} does not divide intermediate_size="
-                             f"{self.intermediate_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads={self.num_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_kv_heads}")
 
 
 def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:

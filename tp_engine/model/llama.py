@@ -27,9 +27,12 @@ class Attention(nn.Module):
         self.qkv_proj = QKVParallelLinear(config.hidden_size, config.head_dim, config.num_heads,
                                           config.num_kv_heads, config.qkv_bias, tp)
         self.num_heads = self.qkv_proj.num_heads
-        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads  # held in the cache
+        expand = self.qkv_proj.kv_expand
+        self.kv_expand = None if expand is None else torch.tensor(expand)
+        self.score_heads = self.num_kv_heads if expand is None else len(expand)  # attention's
         self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size,
-                                        config.o_bias, tp)
+                                        config.o_bias, tp, self.qkv_proj.q_rows)
         self.scale = config.head_dim ** -0.5
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
@@ -40,7 +43,8 @@ class Attention(nn.Module):
         qk = RotaryEmbedding.rotate(qkv[:, :(heads + kv_heads) * dim].unflatten(-1, (-1, dim)),
                                     rope)
         v = qkv[:, (heads + kv_heads) * dim:].unflatten(-1, (kv_heads, dim))
-        out = paged_attention(qk[:, :heads], qk[:, heads:], v, cache, meta, self.scale)
+        out = paged_attention(qk[:, :heads], qk[:, heads:], v, cache, meta, self.scale,
+                              self.kv_expand)
         return self.o_proj(out)
 
 

@@ -1,12 +1,16 @@
 """Tensor-parallel layers (Megatron style). Each layer holds only its rank's shard and knows
 how to read that shard from a checkpoint slice, so no rank ever reads a tensor it does not own.
 
+Any TP size works: a dimension is cut into contiguous ranges whose lengths differ by at most
+one unit (a head, a row), so sizes that do not divide the heads or the MLP shard unevenly.
+
 A `weight_loader(param, source, shard_id)` receives a safetensors slice (or a tensor: both
 support `[a:b]` and `[:, a:b]`), reads only the rows or columns of this rank, and copies them in.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +43,13 @@ class TensorParallel:
         return torch.cat(parts, dim=-1) if parts is not None else None
 
 
+    def shard(self, size: int, unit: int = 1) -> range:
+        """This rank's contiguous share of `size` elements, cut in whole `unit`s."""
+        base, extra = divmod(size // unit, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start * unit, (start + base + (self.rank < extra)) * unit)
+
+
 def shape_of(source: Any) -> tuple[int, ...]:
     return tuple(source.get_shape()) if hasattr(source, "get_shape") else tuple(source.shape)
 
@@ -57,21 +68,21 @@ def _new(shape: tuple[int, ...]) -> nn.Parameter:
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split by output rows; each rank produces its slice of y."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel,
+                 rows: range | None = None):
         super().__init__()
         self.tp = tp
-        self.out_per_rank = out_features // tp.size
-        self.weight = _new((self.out_per_rank, in_features))
+        self.rows = tp.shard(out_features) if rows is None else rows
+        self.weight = _new((len(self.rows), in_features))
         self.weight.weight_loader = self.load_rows
-        self.bias = _new((self.out_per_rank,)) if bias else None
+        self.bias = _new((len(self.rows),)) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = self.load_rows
         self.packed: torch.Tensor | None = None  # oneDNN's copy of the weight, once loaded
         self.packs_bias = True
 
     def load_rows(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
-        start = self.tp.rank * self.out_per_rank
-        copy_shard(param, source[start:start + self.out_per_rank], "column-parallel weight")
+        copy_shard(param, source[self.rows.start:self.rows.stop], "column-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.packed, self.bias)
@@ -81,58 +92,69 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of the same input in one matmul (gate and up)."""
 
     def __init__(self, in_features: int, out_sizes: list[int], bias: bool, tp: TensorParallel):
-        super().__init__(in_features, sum(out_sizes), bias, tp)
-        self.sizes = [size // tp.size for size in out_sizes]
+        self.shards = [tp.shard(size) for size in out_sizes]
+        total = sum(len(r) for r in self.shards)
+        super().__init__(in_features, sum(out_sizes), bias, tp, range(total))
 
     def load_rows(self, param: nn.Parameter, source: Any, shard_id: int = 0) -> None:
-        size = self.sizes[shard_id]
-        offset = sum(self.sizes[:shard_id])
-        start = self.tp.rank * size
-        copy_shard(param.data[offset:offset + size], source[start:start + size], "merged weight")
+        rows = self.shards[shard_id]
+        offset = sum(len(r) for r in self.shards[:shard_id])
+        copy_shard(param.data[offset:offset + len(rows)], source[rows.start:rows.stop],
+                   "merged weight")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v in one matmul, split by heads. With fewer KV heads than ranks each KV head is
-    replicated, so every rank holds whole heads and the KV heads its query heads use."""
+    """q, k and v in one matmul, split by query heads; each rank holds the KV heads its query
+    heads use, so a KV head whose query heads two ranks share is held by both.
+
+    Attention groups a rank's query heads evenly under KV heads. Where a rank's heads do not
+    fall evenly under the KV heads they use (9 heads and 3 KV heads at TP 2: heads 0-4 use KV
+    heads 0, 0, 0, 1, 1), attention reads each held KV head once per run of `group` heads
+    (`group` divides every run; here 1): `kv_expand` says which, None when already even."""
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
                  tp: TensorParallel):
         self.head_dim = head_dim
-        self.num_heads = num_heads // tp.size
-        self.num_kv_heads = max(1, num_kv_heads // tp.size)
-        if num_kv_heads >= tp.size:
-            self.kv_head_start = tp.rank * self.num_kv_heads
-        else:
-            self.kv_head_start = tp.rank // (tp.size // num_kv_heads)
+        heads = tp.shard(num_heads)
+        kv_of = [h // (num_heads // num_kv_heads) for h in heads]
+        self.kv_rows = range(kv_of[0] * head_dim, (kv_of[-1] + 1) * head_dim)
+        runs = [kv_of.count(kv) for kv in dict.fromkeys(kv_of)]
+        group = math.gcd(*runs)
+        self.num_heads = len(heads)
+        self.num_kv_heads = len(runs)
+        expand = [kv - kv_of[0] for kv in kv_of[::group]]
+        self.kv_expand = expand if len(expand) != len(runs) else None
+        self.q_rows = range(heads.start * head_dim, heads.stop * head_dim)
         local = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        super().__init__(hidden, local * tp.size, bias, tp)
+        super().__init__(hidden, local, bias, tp, range(local))
 
     def load_rows(self, param: nn.Parameter, source: Any, shard_id: str = "q") -> None:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q_size, kv_size = len(self.q_rows), len(self.kv_rows)
         if shard_id == "q":
-            offset, size, start = 0, q_size, self.tp.rank * q_size
+            offset, rows = 0, self.q_rows
         else:
-            offset = q_size if shard_id == "k" else q_size + kv_size
-            size, start = kv_size, self.kv_head_start * self.head_dim
-        copy_shard(param.data[offset:offset + size], source[start:start + size], f"{shard_id}_proj")
+            offset, rows = (q_size if shard_id == "k" else q_size + kv_size), self.kv_rows
+        copy_shard(param.data[offset:offset + len(rows)], source[rows.start:rows.stop],
+                   f"{shard_id}_proj")
 
 
 class RowParallelLinear(nn.Module):
     """y = x W^T with W split by input columns; partial sums are all-reduced."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel):
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel,
+                 columns: range | None = None):
         super().__init__()
         self.tp = tp
-        self.in_per_rank = in_features // tp.size
-        self.weight = _new((out_features, self.in_per_rank))
+        self.columns = tp.shard(in_features) if columns is None else columns
+        self.weight = _new((out_features, len(self.columns)))
         self.weight.weight_loader = self.load_columns
         self.bias = _new((out_features,)) if bias else None  # replicated: loaded whole
         self.packed: torch.Tensor | None = None
         self.packs_bias = False  # the bias is added once, after the all-reduce
 
     def load_columns(self, param: nn.Parameter, source: Any, shard_id: Any = None) -> None:
-        start = self.tp.rank * self.in_per_rank
-        copy_shard(param, source[:, start:start + self.in_per_rank], "row-parallel weight")
+        copy_shard(param, source[:, self.columns.start:self.columns.stop],
+                   "row-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.tp.all_reduce(linear(x, self.weight, self.packed))

@@ -6,6 +6,7 @@ import ctypes
 import itertools
 import mmap
 import operator
+import os
 import sys
 import time
 from array import array
@@ -25,6 +26,8 @@ from tp_engine.worker.distributed import current_device
 from tp_engine.worker.interrupted import Interrupted
 
 STOP_CHECK_S = 0.01  # how often a run of decode steps asks whether SHUTDOWN came
+# a CPU KV cache sized from free memory: this share of it over the ranks, within these bounds
+KV_FREE_SHARE, KV_FLOOR_GB, KV_CAP_GB = 0.25, 0.25, 4.0
 
 
 def keep_freed_memory() -> None:
@@ -69,6 +72,20 @@ def zeros_in_huge_pages(shape: tuple[int, ...], dtype: torch.dtype,
     return torch.frombuffer(memory, dtype=dtype, count=nbytes // dtype.itemsize).view(shape)
 
 
+def cpu_kv_budget(ranks: int) -> int:
+    """The bytes of a CPU worker's KV cache when `kv_cache_memory_gb` is not given: a share
+    of the memory free at start, between a floor and a cap. The cache is an anonymous
+    mapping whose pages the kernel supplies on first touch, so an unused part costs none."""
+    try:
+        with open("/proc/meminfo") as f:
+            free_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        free = free_kb * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    share = KV_FREE_SHARE * free / ranks
+    return int(min(max(share, KV_FLOOR_GB * (1 << 30)), KV_CAP_GB * (1 << 30)))
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp: TensorParallel, dtype: str):
         keep_freed_memory()
@@ -81,7 +98,8 @@ class ModelRunner:
         self.window = self.model.config.sliding_window
         self.num_blocks = self._agree_on_blocks()
         attn = self.model.model.layers[0].self_attn
-        self.kv_heads = attn.num_kv_heads  # per rank
+        self.kv_heads = attn.num_kv_heads  # per rank, in the cache
+        self.score_heads = attn.score_heads  # per rank, as attention reads them: the masks'
         slots = self.num_blocks * config.block_size
         # paged_attention reads each buffer as [2, kv_heads, blocks, block_size * head_dim]
         shape = (2, self.kv_heads, slots, attn.head_dim)
@@ -105,8 +123,10 @@ class ModelRunner:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info()
             budget = free * cfg.gpu_memory_utilization
-        else:
+        elif cfg.kv_cache_memory_gb is not None:
             budget = cfg.kv_cache_memory_gb * (1 << 30)
+        else:
+            budget = cpu_kv_budget(int(os.environ.get("LOCAL_WORLD_SIZE", self.tp.size)))
         # never more than every sequence at full length could use, plus a spare
         enough = cfg.max_num_seqs * -(-cfg.max_model_len // cfg.block_size) + 1
         blocks = torch.tensor([min(int(budget // self._bytes_per_block()), enough)],
@@ -185,7 +205,7 @@ class ModelRunner:
         """Several decode steps, each one's sampled tokens the next one's input. Returns each
         sequence's tokens, sequence by sequence (rank 0; None elsewhere)."""
         run = DecodeRun.build(step.starts, step.decode_steps, step.block_tables,
-                              self.config.block_size, self.window, self.kv_heads, self.dtype,
+                              self.config.block_size, self.window, self.score_heads, self.dtype,
                               self.device)
         tokens = torch.frombuffer(ids, dtype=torch.int32).to(self.device, torch.long)
         specs, drawn = step.samples, any(s[1] > 0 for s in step.samples)
@@ -196,7 +216,7 @@ class ModelRunner:
         for i in range(len(run)):
             meta = run.metadata(i)
             for group in meta.decode:  # any masks not built yet, outside the model's time
-                group.bias_for(self.kv_heads, self.dtype,
+                group.bias_for(self.score_heads, self.dtype,
                                group.tables.shape[1] * run.block_size)
             if self.sampler is not None and i and drawn:  # a draw's output index moves on
                 specs = [[*s[:5], s[5] + i] for s in step.samples[:run.running[i]]]
