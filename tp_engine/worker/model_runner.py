@@ -72,16 +72,19 @@ def zeros_in_huge_pages(shape: tuple[int, ...], dtype: torch.dtype,
     return torch.frombuffer(memory, dtype=dtype, count=nbytes // dtype.itemsize).view(shape)
 
 
-def cpu_kv_budget(ranks: int) -> int:
+def cpu_kv_budget(ranks: int, free: int | None = None) -> int:
     """The bytes of a CPU worker's KV cache when `kv_cache_memory_gb` is not given: a share
-    of the memory free at start, between a floor and a cap. The cache is an anonymous
-    mapping whose pages the kernel supplies on first touch, so an unused part costs none."""
-    try:
-        with open("/proc/meminfo") as f:
-            free_kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
-        free = free_kb * 1024
-    except (OSError, StopIteration, ValueError, IndexError):
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    of the memory free at start (`free` bytes; read from /proc/meminfo when None), between a
+    floor and a cap. The cache is an anonymous mapping whose pages the kernel supplies on
+    first touch, so an unused part costs none."""
+    if free is None:
+        try:
+            with open("/proc/meminfo") as f:
+                free_kb = next(int(line.split()[1]) for line in f
+                               if line.startswith("MemAvailable"))
+            free = free_kb * 1024
+        except (OSError, StopIteration, ValueError, IndexError):
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     share = KV_FREE_SHARE * free / ranks
     return int(min(max(share, KV_FLOOR_GB * (1 << 30)), KV_CAP_GB * (1 << 30)))
 
