@@ -56,8 +56,6 @@ class EngineCore:
         model = ModelConfig.load(cfg.model)
         model.check_tensor_parallel(cfg.tensor_parallel_size)
         self.model_config = model
-        self.tokenizer = Tokenizer.load(cfg.model)
-        self.eos_token_ids = frozenset([*self.tokenizer.eos_token_ids, *model.eos_token_ids])
 
         ipc_dir = wire.private_ipc_dir()
         self._resources.acquired("IPC directory",
@@ -67,6 +65,9 @@ class EngineCore:
         self._resources.acquired("sockets", group.close)
         group.start()
         self._resources.acquired("workers", self._release_workers)
+        # built while the workers load their shards
+        self.tokenizer = Tokenizer.load(cfg.model)
+        self.eos_token_ids = frozenset([*self.tokenizer.eos_token_ids, *model.eos_token_ids])
         group.wait_ready(cfg.startup_timeout)
 
         self.blocks = BlockManager(group.ready[0].num_kv_blocks, cfg.block_size)

@@ -3,9 +3,10 @@ GGUF file.
 
 Each rank opens the files itself and reads only the rows or columns its layers own: through
 `safe_open(...).get_slice` for safetensors, so no rank materialises a whole tensor it shards.
-A GGUF tensor is dequantized by rows: a rank dequantizes only its rows of a tensor split by
-rows (q, k, v, gate, up, the embedding), and the whole of one split by columns (o_proj,
-down_proj: quantized blocks run along a row), keeping its columns."""
+A GGUF tensor is dequantized in blocks: a rank dequantizes only its rows of a tensor split by
+rows (q, k, v, gate, up, the embedding), and only its columns of one split by columns
+(o_proj, down_proj) where they fall on block boundaries (quantized blocks run along a row),
+else the whole rows, keeping its columns."""
 
 from __future__ import annotations
 
@@ -168,6 +169,11 @@ class GGUFSource:
         start, stop, step = rows.indices(self.tensor.shape[0])
         if step != 1:
             raise ValueError(f"{self.tensor.name}: only a plain range of rows can be read")
+        if isinstance(index, tuple) and (start, stop) == (0, self.tensor.shape[0]):
+            first, last, _ = index[1].indices(self.tensor.shape[1])
+            part = self.tensor.columns(first, last)  # every row, only these columns' blocks
+            if part is not None:
+                return torch.from_numpy(self._unpermuted(part, 0))
         out = torch.from_numpy(self._unpermuted(self.tensor.rows(start, stop), start))
         if isinstance(index, tuple):  # the rows are in hand: now the columns
             out = out[(slice(None), *index[1:])]
