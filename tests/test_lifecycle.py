@@ -280,7 +280,7 @@ def test_terminate_interrupts_long_decode_runs(warm, baseline, caplog):
     """With 64-step runs of 48 sequences, two runs in flight take well over a second; the
     workers see SHUTDOWN between two steps, so terminate() returns at once and they leave by
     themselves (no signal had to be sent)."""
-    e = engine(warm, decode_steps=64)
+    e = engine(warm, decode_steps=64, decode_run_seconds=None)
     caller = Background(e.generate, [f"request {i}" for i in range(48)], LONG)
     deadline = time.monotonic() + 20
     while e._core.stats()["running"] < 48 and time.monotonic() < deadline:

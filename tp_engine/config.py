@@ -47,6 +47,12 @@ class EngineConfig:
     # computed and dropped). Runs double from 2 up to this while no request arrives.
     decode_steps: int = field(default=16, metadata={
         "help": f"most decode steps a worker runs from one message, at most {MAX_DECODE_STEPS}"})
+    # a run is also kept to about this many seconds of decode steps, as measured: a request
+    # that arrives waits for the runs in flight, and a sequence that stops on EOS computes the
+    # rest of its run (with a real model's steps of tens of ms, 16 steps are seconds)
+    decode_run_seconds: float | None = field(default=0.1, metadata={
+        "help": "longest run of decode steps, in seconds of the measured step time (null in "
+                "a --config file: decode_steps alone bounds it)"})
     num_kv_blocks: int | None = field(default=None, metadata={
         "help": "KV-cache blocks per worker (default: sized from the memory settings)"})
     kv_cache_memory_gb: float | None = field(default=None, metadata={
@@ -81,6 +87,9 @@ class EngineConfig:
                      "block_size", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.decode_run_seconds is not None and self.decode_run_seconds <= 0:
+            raise ValueError(f"decode_run_seconds must be positive or None, "
+                             f"got {self.decode_run_seconds}")
         if self.decode_steps > MAX_DECODE_STEPS:
             raise ValueError(f"decode_steps must be at most {MAX_DECODE_STEPS}, "
                              f"got {self.decode_steps}")

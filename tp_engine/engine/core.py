@@ -74,7 +74,7 @@ class EngineCore:
         log.info("KV cache: %d blocks of %d tokens a rank (%s)", self.blocks.num_blocks,
                  cfg.block_size, cfg.kv_cache_sizing)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   cfg.max_model_len, cfg.decode_steps)
+                                   cfg.max_model_len, cfg.decode_steps, cfg.decode_run_seconds)
         self.stream_back = StreamBack(self.registry, self.abort_seq)
         self.stream_back.start()
         self._resources.acquired("stream-back thread",

@@ -107,8 +107,8 @@ class RequestLoop:
         next step's tokens that the running step samples travel as placeholders the workers
         fill in. The price: a sequence that stops (EOS, stop token) computes the tokens of the
         step (or run of decode steps) already queued behind, which are dropped."""
-        # (step id, [(sampled sequence, tokens it samples)])
-        in_flight: deque[tuple[int, list[tuple[Sequence, int]]]] = deque()
+        # (step id, [(sampled sequence, tokens it samples)], whether it only decodes)
+        in_flight: deque[tuple[int, list[tuple[Sequence, int]], bool]] = deque()
         while True:
             self._take_inbox()
             while len(in_flight) < 2:
@@ -119,16 +119,19 @@ class RequestLoop:
                     self.stream_back.queue.put([(s.seq_id, [], "length") for s in too_long])
                 if not batch:
                     break
+                decodes = all(n == 1 for _, n in batch)
                 step, sampled = self._build_step(batch, decode_steps)
                 self.group.broadcast(step)
-                in_flight.append((step.step_id, sampled))
+                in_flight.append((step.step_id, sampled, decodes))
             if not in_flight:
                 self._await(None)  # idle: sleep until a request, an abort or a death
                 continue
-            step_id, sampled = in_flight.popleft()
+            step_id, sampled, decodes = in_flight.popleft()
             done = self._await(step_id)
             self.steps += done.steps
             self.model_seconds += done.model_seconds
+            if decodes:  # what sizes the runs of decode steps
+                self.scheduler.observe_decode(done.model_seconds / done.steps)
             outputs = self._apply(sampled, done.token_ids)
             if outputs:
                 self.stream_back.queue.put(outputs)

@@ -10,7 +10,10 @@ When every scheduled sequence decodes and none waits, the step becomes a run of 
 that the workers compute from one message (see model/decode_run); each sequence's blocks are
 reserved for its whole run. A request that arrives meanwhile waits for the runs in flight, so
 runs start at 2 steps after an admission and double while no request comes, up to
-`decode_steps`: a steady stream of requests keeps them short, a settled batch runs long.
+`decode_steps`: a steady stream of requests keeps them short, a settled batch runs long. A run
+is also kept to about `run_seconds` of decode steps (as last measured): with a real model's
+steps of tens of milliseconds, a run of 16 would keep a new request waiting for seconds, and
+a sequence that stops on EOS would compute seconds of dropped tokens.
 
 The request loop keeps two steps in flight, so the next step is scheduled before the tokens of
 the one running are known: a sequence's `pending` tokens (sampled by the steps in flight, not
@@ -59,13 +62,15 @@ class Sequence:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, decode_steps: int = 1):
+                 max_model_len: int, decode_steps: int = 1, run_seconds: float | None = None):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.token_budget = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.decode_steps = decode_steps
+        self.run_seconds = run_seconds
         self._run = 1  # the last run's length
+        self.step_seconds = 0.0  # a decode step's time in the model, as the workers report
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -120,7 +125,10 @@ class Scheduler:
         if (self.decode_steps == 1 or self.waiting or not batch
                 or any(n != 1 or seq.uncomputed != 1 for seq, n in batch)):
             return batch, []
-        self._run = min(2 * self._run, self.decode_steps)
+        longest = self.decode_steps
+        if self.run_seconds is not None and self.step_seconds > 0:
+            longest = max(1, min(longest, int(self.run_seconds / self.step_seconds)))
+        self._run = min(2 * self._run, longest)
         steps = [min(self._run, seq.room(self.max_model_len)) for seq, _ in batch]
         for (seq, _), k in zip(batch, steps):
             if not self.blocks.grow(seq.block_table, seq.num_computed + k):
@@ -145,6 +153,11 @@ class Scheduler:
         seq.num_computed = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def observe_decode(self, seconds_per_step: float) -> None:
+        """A decode step's time as measured (a moving average: one slow step is noise)."""
+        previous = self.step_seconds or seconds_per_step
+        self.step_seconds = 0.7 * previous + 0.3 * seconds_per_step
 
     def finish(self, seq: Sequence) -> None:
         """Drop a sequence wherever it is (finished or aborted) and free its blocks."""
