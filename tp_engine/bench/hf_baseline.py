@@ -14,8 +14,16 @@ from tp_engine.bench.common import Request
 
 
 def load(path: str) -> torch.nn.Module:
+    """The checkpoint in float32: a Hugging Face directory, or a GGUF file (transformers
+    dequantizes it as the engine does)."""
     from transformers import AutoModelForCausalLM
 
+    from tp_engine.model.gguf_file import find_gguf
+
+    gguf = find_gguf(path)
+    if gguf is not None:
+        return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                    dtype=torch.float32).eval()
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
