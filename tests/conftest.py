@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tp_engine.model.tiny import make_tiny_model, write_tokenizer
+from tp_engine.checkpoints.tiny import make_tiny_model, write_tokenizer
 from tp_engine.wire import remove_stale_ipc_dirs
 
 TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=512,
@@ -36,6 +37,13 @@ def hf_models(tmp_path_factory):
         write_tokenizer(path, arch, 300, 256)
         paths[name] = str(path)
     return paths
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def snapshot() -> dict:

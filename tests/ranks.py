@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port
 
 
 def _entry(fn, rank: int, size: int, port: int, out: str, args: tuple) -> None:

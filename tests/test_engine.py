@@ -39,7 +39,7 @@ def test_runs_of_decode_steps_match_transformers_with_a_sliding_window(tmp_path)
     requests of different lengths end inside a run, and the run goes on without them."""
     from checkpoints import build
 
-    from tp_engine.model.tiny import write_tokenizer
+    from tp_engine.checkpoints.tiny import write_tokenizer
 
     path = build("mistral", tmp_path, vocab_size=300)
     write_tokenizer(path, "mistral", 300, 256)

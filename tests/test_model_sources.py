@@ -29,9 +29,9 @@ import psutil
 import pytest
 
 from tp_engine import Engine, SamplingParams
+from tp_engine.checkpoints import resolve as builtin
+from tp_engine.checkpoints.resolve import resolve_model
 from tp_engine.errors import ConfigError
-from tp_engine.model import builtin
-from tp_engine.model.builtin import resolve_model
 from tp_engine.worker.model_runner import KV_CAP_GB, KV_FLOOR_GB, KV_FREE_SHARE, cpu_kv_budget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ HUB_SCRIPT = textwrap.dedent("""
     socket.getaddrinfo = refuse
 
     from tp_engine import Engine, SamplingParams
-    from tp_engine.model.builtin import resolve_model
+    from tp_engine.checkpoints.resolve import resolve_model
 
     repo, prompt = sys.argv[1], json.loads(sys.argv[2])
     start = time.monotonic()

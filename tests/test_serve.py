@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from conftest import free_port
 
 PROMPT = "The capital of France is"
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
@@ -29,12 +29,6 @@ SERVERS = {  # name -> flags: --tp 2 on CPU (gloo) but where one rank is enough
     "skip": ["--tp", "1", "--drain-timeout", "600"],
     "dies": ["--tp", "1"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -263,7 +257,7 @@ def test_metrics(server):
 @pytest.mark.timeout(60)
 def test_load_run_from_a_second_process(server):
     out = subprocess.run(
-        [sys.executable, "-m", "tp_engine.serve.load", "--url", server.url, "--requests", "24",
+        [sys.executable, "-m", "tp_engine.bench.load", "--url", server.url, "--requests", "24",
          "--concurrency", "8", "--max-tokens", "8", "--json"],
         capture_output=True, text=True, timeout=50)
     assert out.returncode == 0, out.stderr
@@ -273,7 +267,7 @@ def test_load_run_from_a_second_process(server):
 
 
 def test_load_percentiles_and_queue_depth():
-    from tp_engine.serve.load import percentile
+    from tp_engine.bench.common import percentile
     from tp_engine.serve.metrics import queue_depth
 
     values = [float(v) for v in range(1, 101)]

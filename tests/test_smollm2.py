@@ -16,8 +16,8 @@ from checkpoints import greedy
 from ranks import run_ranks
 
 from tp_engine import Engine, SamplingParams
+from tp_engine.checkpoints.resolve import resolve_model
 from tp_engine.model.attention import AttentionMetadata
-from tp_engine.model.builtin import resolve_model
 from tp_engine.model.loader import load_model
 from tp_engine.model.parallel import TensorParallel
 

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from tp_engine import Engine
-from tp_engine.soak import soak
+from tp_engine.bench.soak import soak
 
 FULL = int(os.environ.get("TP_ENGINE_SOAK", "0"))
 

@@ -13,10 +13,10 @@ from safetensors import safe_open
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers
 
+from tp_engine.checkpoints.tiny import make_tiny_model
 from tp_engine.engine.detokenizer import IncrementalDetokenizer
 from tp_engine.engine.tokenizer import Tokenizer
 from tp_engine.errors import InvalidRequestError
-from tp_engine.model.tiny import make_tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2"]
 # Character pools that cover 1-, 2-, 3- and 4-byte UTF-8 sequences.
@@ -113,9 +113,9 @@ def test_detokenizer_matches_decode(toks: dict[str, Tokenizer], arch: str) -> No
         text = unicodedata.normalize("NFC", random_text(rng, rng.randint(1, 80)))
         ids = tok.encode(text, add_special_tokens=False)
         split_chars += sum("\ufffd" in tok.decode([i]) for i in ids)
-        one = IncrementalDetokenizer(tok, prompt_ids=[0, 5, 6])
+        one = IncrementalDetokenizer(tok)
         deltas = [one.add([i]) for i in ids]
-        chunked = IncrementalDetokenizer(tok, prompt_ids=[])
+        chunked = IncrementalDetokenizer(tok)
         chunk_deltas = feed(chunked, ids, rng)
         for d in (deltas, chunk_deltas):
             assert not any("\ufffd" in x for x in d)
@@ -128,7 +128,7 @@ def test_detokenizer_matches_decode(toks: dict[str, Tokenizer], arch: str) -> No
 def test_detokenizer_special_tokens(toks: dict[str, Tokenizer], skip: bool) -> None:
     tok = toks["llama"]
     ids = [0, *tok.encode(" héllo 😀 wörld", False), 3, 2, *tok.encode("日本 ok", False), 1]
-    detok = IncrementalDetokenizer(tok, [], skip_special_tokens=skip)
+    detok = IncrementalDetokenizer(tok, skip_special_tokens=skip)
     out = "".join(detok.add([i]) for i in ids)
     assert out == tok.decode(ids, skip_special_tokens=skip)
     assert ("<|im_end|>" in out) is not skip
@@ -137,7 +137,7 @@ def test_detokenizer_special_tokens(toks: dict[str, Tokenizer], skip: bool) -> N
 def test_detokenizer_flushes_incomplete_character(toks: dict[str, Tokenizer]) -> None:
     tok = toks["llama"]
     ids = tok.encode("ok 🚀", add_special_tokens=False)[:-1]  # drop the emoji's last byte
-    detok = IncrementalDetokenizer(tok, [])
+    detok = IncrementalDetokenizer(tok)
     streamed = "".join(detok.add([i]) for i in ids)
     assert "\ufffd" not in streamed
     assert streamed + detok.flush() == tok.decode(ids)
@@ -157,7 +157,7 @@ def test_detokenizer_cost_is_bounded(toks: dict[str, Tokenizer]) -> None:
     spy = Spy.__new__(Spy)
     spy.__dict__.update(tok.__dict__)
     ids = tok.encode(random_text(random.Random(2), 3000), add_special_tokens=False)
-    detok = IncrementalDetokenizer(spy, [])
+    detok = IncrementalDetokenizer(spy)
     assert "".join(detok.add([i]) for i in ids) == tok.decode(ids)
     assert len(ids) > 1000 and longest <= 8
 
@@ -182,7 +182,7 @@ def test_detokenizer_sentencepiece_leading_space() -> None:
     tok = Tokenizer(hf)
     for text in ["hello world", "hello wörld 日本 😀 ok", "a  b"]:
         ids = tok.encode(text)
-        detok = IncrementalDetokenizer(tok, [1, 5])
+        detok = IncrementalDetokenizer(tok)
         deltas = [detok.add([i]) for i in ids]
         assert not any("\ufffd" in d for d in deltas)
         assert "".join(deltas) == tok.decode(ids) == text

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tp_engine.model.builtin import resolve_model
+from tp_engine.checkpoints.resolve import resolve_model
 from tp_engine.model.config import ModelConfig
 
 DEVICES = ("auto", "cuda", "cpu")
@@ -71,6 +71,7 @@ class EngineConfig:
         "help": "bind the control socket on TCP at this address, else IPC"})
     auth_key: str | None = field(default=None, repr=False, metadata={
         "help": f"hex HMAC secret of TCP frames (from ${AUTH_KEY_ENV})"})
+    model_config: ModelConfig = field(init=False, repr=False, compare=False)  # the model's shape
 
     def __post_init__(self) -> None:
         self.model = resolve_model(str(self.model))
@@ -93,13 +94,19 @@ class EngineConfig:
         if self.decode_steps > MAX_DECODE_STEPS:
             raise ValueError(f"decode_steps must be at most {MAX_DECODE_STEPS}, "
                              f"got {self.decode_steps}")
-        limit = ModelConfig.load(self.model).max_position_embeddings
+        # parsed once here: the core, the workers and the loader take it from the config
+        self.model_config = ModelConfig.load(self.model)
+        limit = self.model_config.max_position_embeddings
         if self.max_model_len is not None and self.max_model_len > limit:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={limit}")
         self.max_model_len = self.max_model_len or limit
         if self.host is not None and self.auth_key is None:
             self.auth_key = os.environ.get(AUTH_KEY_ENV) or secrets.token_hex(32)
+
+    def keywords(self) -> dict[str, Any]:
+        """The Engine keywords this config was made of (resolved: the model's path)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     @property
     def auth_key_bytes(self) -> bytes | None:
@@ -131,13 +138,14 @@ class EngineConfig:
             raise ValueError(f"{path}: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**raw)
 
-    def worker_dtype(self, checkpoint_dtype: str) -> str:
+    def worker_dtype(self) -> str:
         """"auto" keeps the checkpoint's dtype on a GPU and computes in float32 on a CPU."""
         if self.dtype != "auto":
             return self.dtype
         if self.device == "cpu":
             return "float32"
-        return checkpoint_dtype if checkpoint_dtype in DTYPES else "bfloat16"
+        checkpoint = self.model_config.checkpoint_dtype
+        return checkpoint if checkpoint in DTYPES else "bfloat16"
 
 
 def _cuda_available() -> bool:

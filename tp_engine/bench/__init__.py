@@ -32,7 +32,7 @@ def module(mode: str):
 
 def add_mode_parsers(parser: argparse.ArgumentParser) -> None:
     """One sub-command per mode, each with the Engine flags and its own options."""
-    from tp_engine.cli import add_engine_flags
+    from tp_engine.flags import add_engine_flags
 
     modes = parser.add_subparsers(dest="mode", required=True)
     for mode, help_text in MODES.items():
@@ -44,7 +44,7 @@ def add_mode_parsers(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tp_engine.cli import engine_kwargs
+    from tp_engine.flags import engine_kwargs
 
     if not args.model and not args.config:
         args.model = "tiny-llama"

@@ -7,6 +7,7 @@ next."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import random
@@ -73,6 +74,14 @@ def _cpu_model() -> str:
 
 def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
+
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); 0 for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def median_interval(values: list[float], level: float = 0.9,

@@ -83,8 +83,8 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
             ttft = sorted(r[0] for r in results)
             tpot = sorted(r[1] for r in results)
             rows.append([level, len(results), common.ms(common.median(ttft)),
-                         common.ms(_p90(ttft)), common.ms(common.median(tpot)),
-                         common.ms(_p90(tpot)), f"{tokens / seconds:.0f}"])
+                         common.ms(common.percentile(ttft, 90)), common.ms(common.median(tpot)),
+                         common.ms(common.percentile(tpot, 90)), f"{tokens / seconds:.0f}"])
         path = engine.config.model
     if not args.no_baseline:
         rows.append(baseline(path, args, vocab))
@@ -119,9 +119,6 @@ def baseline(path: str, args: argparse.Namespace, vocab: int) -> list[object]:
     tpot.sort()
     per_request = common.median(ttft) + common.median(tpot) * (args.max_tokens - 1)
     return ["1 (transformers generate)", len(requests), common.ms(common.median(ttft)),
-            common.ms(_p90(ttft)), common.ms(common.median(tpot)), common.ms(_p90(tpot)),
+            common.ms(common.percentile(ttft, 90)), common.ms(common.median(tpot)),
+            common.ms(common.percentile(tpot, 90)),
             f"{args.max_tokens / per_request:.0f}"]
-
-
-def _p90(sorted_values: list[float]) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(0.9 * len(sorted_values)))]

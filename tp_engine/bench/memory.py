@@ -31,7 +31,7 @@ def kv_cache_bytes(core, tp: int) -> int:
     """One rank's KV cache: blocks x block size x (keys and values) x its KV heads x dim."""
     model = core.model_config
     kv_heads = max(1, model.num_kv_heads // tp)
-    itemsize = 4 if core.config.worker_dtype(model.checkpoint_dtype) == "float32" else 2
+    itemsize = 4 if core.config.worker_dtype() == "float32" else 2
     per_block = core.config.block_size * 2 * kv_heads * model.head_dim * itemsize
     return core.blocks.num_blocks * per_block * model.num_layers
 

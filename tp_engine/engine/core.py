@@ -27,7 +27,6 @@ from tp_engine.engine.tokenizer import Tokenizer
 from tp_engine.engine.torchrun_group import TorchrunGroup
 from tp_engine.engine.worker_group import WorkerGroup
 from tp_engine.errors import EngineError, EngineTerminatedError, InvalidRequestError
-from tp_engine.model.config import ModelConfig
 
 log = logging.getLogger("tp_engine.engine")
 
@@ -53,7 +52,7 @@ class EngineCore:
 
     def _start(self) -> None:
         cfg = self.config
-        model = ModelConfig.load(cfg.model)
+        model = cfg.model_config
         model.check_tensor_parallel(cfg.tensor_parallel_size)
         self.model_config = model
 

@@ -25,16 +25,13 @@ class IncrementalDetokenizer:
     The deltas concatenate to `tokenizer.decode(output_ids)` once `flush()` has been called
     (flush only matters when generation stops in the middle of a multi-byte character).
 
-    `prompt_ids` is accepted so callers have one construction site, but the window is built from
-    output tokens only: decoding with prompt context would give SentencePiece tokenizers a
-    leading space that `decode(output_ids)` strips, and streamed and non-streamed text must agree.
+    The window is built from output tokens only, never the prompt: decoding with prompt context
+    would give SentencePiece tokenizers a leading space that `decode(output_ids)` strips, and
+    streamed and non-streamed text must agree.
     """
 
-    def __init__(
-        self, tokenizer: Tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True
-    ) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
-        self.num_prompt_tokens = len(prompt_ids)
         self.skip_special_tokens = skip_special_tokens
         self.output_ids: list[int] = []
         self._prefix_offset = 0

@@ -29,7 +29,7 @@ class EngineFront:
     @classmethod
     def from_config(cls, path: str | Path, **overrides: Any):
         config = EngineConfig.from_yaml(path, **overrides)
-        return cls(**vars(config))
+        return cls(**config.keywords())
 
     @property
     def state(self) -> str:

@@ -82,7 +82,7 @@ class RequestState:
         self.params = params
         self.sink = sink
         self.output = RequestOutput(request_id, prompt, prompt_ids)
-        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        self._detok = IncrementalDetokenizer(tokenizer)
         self._lock = threading.Lock()
         self._ids: list[int] = []   # received, not yet read
         self._text = ""              # their text, when made as they came (stop strings)

@@ -48,10 +48,6 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "must be a boolean")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)

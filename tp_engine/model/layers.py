@@ -83,9 +83,3 @@ class RotaryEmbedding(nn.Module):
         cos, signed_sin = table
         swapped = x.roll(x.shape[-1] // 2, dims=-1)  # the two halves exchanged
         return x * cos + swapped * signed_sin
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor,
-                k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
-        table = self.table(positions, q.dtype)
-        return self.rotate(q, table), self.rotate(k, table)

@@ -38,8 +38,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_model(path: str | Path, tp: TensorParallel, dtype: torch.dtype,
-               device: torch.device | str = "cpu", max_positions: int | None = None) -> CausalLM:
-    config = ModelConfig.load(path)
+               device: torch.device | str = "cpu", max_positions: int | None = None,
+               config: ModelConfig | None = None) -> CausalLM:
+    """This rank's shard of the checkpoint at `path` (`config`: its ModelConfig, if parsed)."""
+    config = config or ModelConfig.load(path)
     config.check_tensor_parallel(tp.size)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created once, directly in the final dtype

@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from tp_engine.serve.errors import APIError, unavailable
 from tp_engine.serve.metrics import Metrics, queue_depth
 
 if TYPE_CHECKING:
     from tp_engine.engine.async_engine import AsyncEngine
-    from tp_engine.serve.jobs import Job
 
 log = logging.getLogger("tp_engine.serve")
 
 # starting -> serving -> draining -> stopped; failed when the engine cannot start or dies
 PHASES = ("starting", "serving", "draining", "stopped", "failed")
+
+
+class InFlight(Protocol):
+    """What the state needs of a request in flight (a serve.jobs.Job): a drain aborts it."""
+
+    def abort(self) -> None: ...
 
 
 class ServerState:
@@ -27,7 +32,7 @@ class ServerState:
         self.phase = "starting"
         self.engine: AsyncEngine | None = None
         self.start_error: BaseException | None = None
-        self.jobs: set[Job] = set()
+        self.jobs: set[InFlight] = set()
         self.metrics = Metrics(self.stats)
         self.engine_settled = asyncio.Event()  # the engine is up, or failed to start
 

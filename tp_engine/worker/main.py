@@ -19,7 +19,6 @@ import zmq
 
 from tp_engine import wire
 from tp_engine.config import EngineConfig
-from tp_engine.model.config import ModelConfig
 from tp_engine.worker.interrupted import Interrupted
 from tp_engine.worker.parent_watch import watch_parent
 
@@ -79,7 +78,7 @@ def _load(args: WorkerArgs):
     from tp_engine.worker.model_runner import ModelRunner
 
     cfg = args.config
-    dtype = cfg.worker_dtype(ModelConfig.load(cfg.model).checkpoint_dtype)
+    dtype = cfg.worker_dtype()
     tp = init_distributed(args.rank, args.world_size, args.init_method, cfg.device,
                           timeout_s=cfg.startup_timeout)
     return ModelRunner(cfg, tp, dtype)  # load_model checks that the TP size fits the model

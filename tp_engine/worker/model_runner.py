@@ -95,7 +95,8 @@ class ModelRunner:
         self.config, self.tp = config, tp
         self.device = current_device(config.device)
         self.dtype = DTYPES[dtype]
-        self.model = load_model(config.model, tp, self.dtype, self.device, config.max_model_len)
+        self.model = load_model(config.model, tp, self.dtype, self.device, config.max_model_len,
+                                config.model_config)
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.vocab_size = self.model.config.vocab_size
         self.window = self.model.config.sliding_window

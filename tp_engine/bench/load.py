@@ -2,7 +2,7 @@
 requests at a fixed concurrency, then requests/s, time to first token (p50, p99) and output
 tokens/s. Every request asks for exactly --max-tokens tokens (ignore_eos), so runs compare.
 
-    python -m tp_engine.serve.load --url http://127.0.0.1:8000 --requests 256 --concurrency 32
+    python -m tp_engine.bench.load --url http://127.0.0.1:8000 --requests 256 --concurrency 32
 
 Needs httpx (in the `test` extra)."""
 
@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import statistics
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from tp_engine.bench.common import percentile
 
 
 @dataclass
@@ -26,14 +27,6 @@ class Result:
     latency: float = 0.0
     output_tokens: int = 0
     error: str = ""
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100); 0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 async def one_request(client, url: str, body: dict) -> Result:  # type: ignore[no-untyped-def]
@@ -114,7 +107,7 @@ def report(r: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tp_engine.serve.load",
+    parser = argparse.ArgumentParser(prog="python -m tp_engine.bench.load",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default=None, help="default: the server's first model")

@@ -15,6 +15,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from tp_engine.model.loader import DTYPES
+
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
@@ -34,7 +36,6 @@ QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Ordered by English letter frequency so the earliest (always included) merges are the useful ones.
 _LETTERS = "etaoinshrdlcumwfgypbvkjxqz"
 # Non-ASCII characters that get merges: some become single tokens, others sharing their lead bytes
@@ -182,8 +183,8 @@ def make_tiny_model(
     """Write a random `arch` checkpoint into `out_dir` (created if needed); return the path."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
     if tie_word_embeddings is None:
@@ -223,7 +224,7 @@ def make_tiny_model(
     _write_json(out / "config.json", cfg)
 
     gen = torch.Generator().manual_seed(seed)
-    weights = _random_weights(cfg, gen, _DTYPES[dtype], qkv_bias=arch == "qwen2")
+    weights = _random_weights(cfg, gen, DTYPES[dtype], qkv_bias=arch == "qwen2")
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     write_tokenizer(out, arch, vocab_size, max_position_embeddings)

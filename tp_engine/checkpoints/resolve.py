@@ -78,7 +78,7 @@ def _tiny(model: str) -> Path:
     cache = Path(os.environ.get("TP_ENGINE_CACHE", "~/.cache/tp-engine")).expanduser()
     target = cache / model
     if not (target / "config.json").is_file():
-        from tp_engine.model.tiny import make_tiny_model
+        from tp_engine.checkpoints.tiny import make_tiny_model
 
         cache.mkdir(parents=True, exist_ok=True)
         # built aside and renamed, so concurrent ranks never see half a checkpoint
