@@ -167,3 +167,49 @@ def test_sigterm_exits_with_the_preempted_code(tiny_model, reference, tmp_path):
     partial = results(out)
     assert 0 < len(partial) < len(expect)
     assert all(expect[k] == v for k, v in partial.items())
+
+
+def request_line(custom_id: str, prompt: str, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions",
+            "body": {"prompt": prompt, "max_tokens": 4, "temperature": 0, **body}}
+
+
+# every kind of bad line, each to get one error record naming its line, on every rerun
+EVERY_KIND_OF_LINE = [
+    request_line("a", "first"),                                      # 1: a result
+    "this line is not json",                                         # 2
+    {"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}},  # 3: no custom_id
+    {"custom_id": "c", "method": "POST", "url": "/v1/nowhere", "body": {}},  # 4: bad url
+    [1, 2, 3],                                                       # 5: not an object
+    request_line("a", "again"),                                      # 6: custom_id of line 1
+    request_line("t", "x", temperature=-1),                          # 7: the engine refuses it
+    "",                                                              # blank: not a line
+    request_line("b", "last"),                                       # 9: a result
+]
+
+
+def record_identities(path: Path) -> list:
+    """Each record as the input line it answers: an error by its line, a result by its id."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return sorted((("line", r["error"]["line"]) if r["error"] else ("id", r["custom_id"])
+                   for r in records), key=str)
+
+
+@pytest.mark.timeout(120)
+def test_a_rerun_records_every_bad_line_once(tiny_model, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
+                           for line in EVERY_KIND_OF_LINE))
+    expect = sorted([("id", "a"), ("id", "b"), *(("line", n) for n in range(2, 8))], key=str)
+    cmd = batch_cmd(tiny_model, inp, out)
+    subprocess.run(cmd, check=True, env=ENV, timeout=60, capture_output=True)
+    first = out.read_text()
+    assert record_identities(out) == expect
+    rerun = subprocess.run(cmd, check=True, env=ENV, timeout=60, capture_output=True, text=True)
+    assert out.read_text() == first, "a rerun of a finished job must write nothing"
+    assert "0 completed, 0 failed, 8 already done, of 8" in rerun.stderr
+    # what a SIGKILL leaves: the first records written, then a torn line
+    with out.open("wb") as f:
+        f.write("".join(first.splitlines(keepends=True)[:4]).encode() + b'{"id": "batch_re')
+    subprocess.run(cmd, check=True, env=ENV, timeout=60, capture_output=True)
+    assert record_identities(out) == expect

@@ -8,6 +8,8 @@ prefill groups and mixed steps must compute what one padded group computes."""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -38,14 +40,21 @@ def test_latency(capsys, tiny_model):
     assert "| 1 (transformers generate) |" in out
 
 
-def test_lifecycle(capsys, tiny_model):
-    out = run_mode(capsys, "lifecycle", tiny_model, *TINY_RUN, "--runs", "1",
-                   "--process-runs", "1", "--in-flight", "4")
+def test_lifecycle(tiny_model):
+    """Run as a user runs it, in a process of its own, whose stderr holds what the workers
+    print too: the failure messages of its deliberate kills must not reach it."""
+    done = subprocess.run([sys.executable, "-m", "tp_engine", "bench", "lifecycle", tiny_model,
+                           *TINY_RUN, "--runs", "1", "--process-runs", "1", "--in-flight", "4"],
+                          capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
     assert "### lifecycle, TP=2" in out
     for step in ("ready, cold", "a later engine", "terminate(), idle", "in flight",
                  "WorkerDiedError", "no worker left"):
         assert step in out, step
     assert "inf" not in out  # every death was detected
+    for alarm in ("engine failed", "died (killed by signal", "failed step", "Connection reset"):
+        assert alarm not in done.stderr, done.stderr
 
 
 def test_overhead(capsys, tiny_model):
@@ -71,7 +80,7 @@ def test_soak(capsys, tiny_model):
 def test_attention_fast_paths_agree(seed, monkeypatch):
     """Random mixed steps through the grouped attention, split as often as possible, equal
     the same steps computed as one group each for decodes and prefills."""
-    import tp_engine.model.attention_meta as meta_module
+    import tp_engine.model.attention_groups as meta_module
     from tp_engine.model.attention import AttentionMetadata, paged_attention
 
     rng = random.Random(seed)

@@ -69,7 +69,7 @@ def test_batch_equals_each_alone_through_chunking_and_preemption(tiny_model, eng
     with Engine(tiny_model, tensor_parallel_size=2, device="cpu", max_num_batched_tokens=16,
                 num_kv_blocks=14) as small:
         squeezed = small.generate(as_inputs(prompts), params)
-        assert small._core.scheduler.num_preemptions > 0
+        assert small.core.scheduler.num_preemptions > 0
     assert [o.token_ids for o in squeezed] == alone
 
 
@@ -80,16 +80,16 @@ def test_generate_admits_its_prompts_in_one_step(tiny_model, monkeypatch):
     fresh engine, so no step of an earlier test is still in flight."""
     prompts = [[(5 * i + j) % 300 + 4 for j in range(8 + i % 24)] for i in range(32)]
     with Engine(tiny_model, device="cpu") as engine:
-        prepare = engine._core._request
+        prepare = engine.core._request
 
         def slowly(*args, **kwargs):
             time.sleep(0.002)
             return prepare(*args, **kwargs)
 
-        monkeypatch.setattr(engine._core, "_request", slowly)
+        monkeypatch.setattr(engine.core, "_request", slowly)
         outputs = engine.generate(as_inputs(prompts), SamplingParams(max_tokens=1, temperature=0))
         assert [len(o.token_ids) for o in outputs] == [1] * 32
-        assert engine._core.stats()["steps"] == 1
+        assert engine.core.stats()["steps"] == 1
 
 
 def test_the_blocks_freed_last_are_taken_first():
@@ -152,7 +152,7 @@ def test_stop_conditions(engine):
 
 
 def test_eos_from_generation_config_stops(engine):
-    eos = engine._core.eos_token_ids
+    eos = engine.core.eos_token_ids
     assert eos, "the tiny model's generation_config names its EOS tokens"
     out = engine.generate(as_inputs([PROMPTS[0]]), SamplingParams(
         max_tokens=16, temperature=0, stop_token_ids=[]))[0]
@@ -177,7 +177,7 @@ def test_bad_input_raises_and_the_engine_keeps_serving(engine, bad):
         prompts = [{"prompt_token_ids": PROMPTS[0]}, bad.get("prompt", "fine")]
         engine.generate(prompts, params)
     assert engine.generate(as_inputs([PROMPTS[1]]), GREEDY)[0].finish_reason == "length"
-    assert len(engine._core.registry) == 0  # nothing was queued
+    assert len(engine.core.registry) == 0  # nothing was queued
 
 
 def test_openai_shapes(engine):
@@ -205,7 +205,7 @@ def test_closing_a_stream_aborts_its_request(engine):
                                        ignore_eos=True, stream=True)
     next(stream)
     stream.close()
-    core = engine._core
+    core = engine.core
     for _ in range(100):
         if not core.scheduler.has_work() and core.blocks.num_free == core.blocks.num_blocks:
             break

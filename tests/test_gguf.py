@@ -66,7 +66,7 @@ def test_greedy_through_the_engine_at_tp_2(tmp_path):
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     with Engine(str(path), tensor_parallel_size=2, device="cpu") as engine:
         out = engine.generate([{"prompt_token_ids": PROMPT}, "hello hello"], params)
-        text_ids = engine._core.tokenizer.encode("hello hello")
+        text_ids = engine.core.tokenizer.encode("hello hello")
     ref = transformers_model(path)
     assert out[0].token_ids == greedy(ref, PROMPT, 16)
     assert out[1].token_ids == greedy(ref, text_ids, 16)

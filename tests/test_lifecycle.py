@@ -283,7 +283,7 @@ def test_terminate_interrupts_long_decode_runs(warm, baseline, caplog):
     e = engine(warm, decode_steps=64, decode_run_seconds=None)
     caller = Background(e.generate, [f"request {i}" for i in range(48)], LONG)
     deadline = time.monotonic() + 20
-    while e._core.stats()["running"] < 48 and time.monotonic() < deadline:
+    while e.core.stats()["running"] < 48 and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(1.2)  # past the prefill and the runs that double up to 64 steps
     asked_at = time.monotonic()
@@ -594,3 +594,48 @@ def test_ipc_directory_is_private_and_removed(warm, baseline):
         e.terminate()
     assert not os.path.exists(path)
     assert_back_to(baseline)
+
+
+# --- 10. the forkserver goes with the controller ---------------------------------------------
+
+TERMINATED_THEN_EXITS = """
+    import json, sys
+    import psutil
+    from tp_engine import Engine
+
+    engine = Engine(sys.argv[1], tensor_parallel_size=2, device="cpu")
+    workers = engine.worker_pids
+    engine.terminate()
+    [server] = [p.pid for p in psutil.Process().children()
+                if "multiprocessing.forkserver" in " ".join(p.cmdline())]
+    print(json.dumps({"forkserver": server, "workers": workers}), flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_forkserver_is_gone_when_the_controller_exits(warm, tmp_path):
+    """Left to itself, the forkserver (torch loaded) outlived a controller that exited
+    normally by 0.5-2.5 s, orphaned, shutting its own interpreter down."""
+    cmd, env = script(tmp_path, "exits.py", TERMINATED_THEN_EXITS)
+    # stderr to a file and no wait for stdout's end: the forkserver inherits both, so reading
+    # them to the end would wait for it too
+    with (tmp_path / "stderr").open("w+") as stderr:
+        proc = subprocess.Popen([*cmd, warm], stdout=subprocess.PIPE, stderr=stderr, env=env,
+                                text=True)
+        try:
+            line = proc.stdout.readline()
+            code = proc.wait(45)
+            exited_at = time.monotonic()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        stderr.seek(0)
+        errors = stderr.read()
+    assert code == 0 and line, errors
+    pids = json.loads(line)
+    left = wait_all_dead([pids["forkserver"], *pids["workers"]],
+                         0.5 - (time.monotonic() - exited_at))
+    assert left == [], {pid: _describe(pid) for pid in left}
+    assert "Traceback" not in errors, errors

@@ -64,8 +64,8 @@ def test_greedy_equals_transformers(smollm2, reference, tp):
         outputs = engine.generate([{"prompt_token_ids": p} for p in reference["prompts"]],
                                   params)
         # the engine's own chat template and tokenizer give transformers' prompt ids
-        ours = [engine._core.tokenizer.encode(
-            engine._core.tokenizer.apply_chat_template(chat), add_special_tokens=False)
+        ours = [engine.core.tokenizer.encode(
+            engine.core.tokenizer.apply_chat_template(chat), add_special_tokens=False)
             for chat in CHATS]
     assert ours == reference["prompts"]
     for chat, out, want in zip(CHATS, outputs, reference["tokens"]):

@@ -27,7 +27,7 @@ def run(model: str, requests: int) -> None:
         # RSS may settle a little higher after warm-up; a leak per request would not fit here
         growth = report.after["rss_bytes"] - report.before["rss_bytes"]
         assert growth < 64 << 20, f"RSS grew by {growth >> 20} MiB"
-        stats = engine._core.stats()
+        stats = engine.core.stats()
         assert stats["running"] == stats["waiting"] == stats["in_flight"] == 0
         assert stats["kv_blocks_free"] == stats["kv_blocks"]
 

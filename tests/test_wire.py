@@ -120,7 +120,7 @@ def test_controller_drops_hostile_frames_and_keeps_serving(tiny_model, tmp_path,
         ctx = zmq.Context()
         rogue = ctx.socket(zmq.DEALER)
         rogue.setsockopt(zmq.LINGER, 0)
-        rogue.connect(engine._core.group.endpoint)
+        rogue.connect(engine.core.group.endpoint)
         with caplog.at_level(logging.WARNING, logger="tp_engine"):
             for frames in junk_frames(1, 150, marker):
                 rogue.send_multipart(frames)
@@ -165,11 +165,13 @@ def test_a_worker_drops_hostile_frames_and_keeps_serving(tiny_model, tmp_path):
         done = link.recv()[1]
         assert isinstance(done, wire.StepDone) and done.step_id == 1 and len(done.token_ids) == 1
         # runs of decode steps: a table too short for the run, a run of 0 steps, a run that
-        # does not sample; then a good run of 4 steps from the token step 1 sampled
+        # does not sample, a sample of the wrong shape; then a good run of 4 steps from the
+        # token step 1 sampled
         last = array("i", [-1]).tobytes()
         bad_runs = {"too short": wire.Step(3, [5], [1], last, [[0]], [[0, *greedy, 1]], [12]),
                     "decode_steps": wire.Step(4, [5], [1], last, [[0]], [[0, *greedy, 1]], [0]),
-                    "one sample": wire.Step(5, [5], [1], last, [[0]], [], [2])}
+                    "one sample": wire.Step(5, [5], [1], last, [[0]], [], [2]),
+                    "a sample is not": wire.Step(7, [5], [1], last, [[0]], [[0, 1.0]], [])}
         for expected, msg in bad_runs.items():
             router.send_multipart([sender, *link.frames(msg)])
             assert router.poll(30_000)

@@ -9,15 +9,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from tp_engine.engine.async_engine import AsyncEngine
-    from tp_engine.engine.llm import Engine
+    from tp_engine.engine.api import AsyncEngine, Engine
     from tp_engine.engine.request import RequestOutput
     from tp_engine.engine.sampling_params import SamplingParams
 
 __all__ = ["AsyncEngine", "Engine", "RequestOutput", "SamplingParams"]
 __version__ = "0.1.0"
 
-_HOMES = {"AsyncEngine": "tp_engine.engine.async_engine", "Engine": "tp_engine.engine.llm",
+_HOMES = {"AsyncEngine": "tp_engine.engine.api", "Engine": "tp_engine.engine.api",
           "RequestOutput": "tp_engine.engine.request",
           "SamplingParams": "tp_engine.engine.sampling_params"}
 

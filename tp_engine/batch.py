@@ -3,9 +3,13 @@
 Input is streamed line by line; at most `--max-in-flight` requests are in the engine; each
 result is appended as one line and flushed as soon as it finishes. Rerunning with the same
 output file resumes: the lines already there are skipped (a torn last line, from a kill in
-mid-write, is cut off first), so a job killed at any moment and rerun ends with every request
-exactly once. SIGTERM (Slurm preemption) stops admitting, keeps what finished, aborts the rest
-and exits with EXIT_PREEMPTED so that the scheduler requeues it."""
+mid-write, is cut off first), so a job killed at any moment and rerun ends with every input
+line recorded exactly once, errors included. A result is known by its `custom_id`; an error
+record carries its input line's number (`error.line`, as in OpenAI's batch errors), and that
+is how a rerun knows it, since a line that failed may have no usable `custom_id` (not JSON,
+none given, or one an earlier line already uses). SIGTERM (Slurm preemption) stops admitting,
+keeps what finished, aborts the rest and exits with EXIT_PREEMPTED so that the scheduler
+requeues it."""
 
 from __future__ import annotations
 
@@ -70,9 +74,21 @@ def read_done(output: Path) -> set[str]:
 
 
 def record_key(record: dict[str, Any]) -> str:
-    if record.get("custom_id") is not None:
-        return f"id:{record['custom_id']}"
-    return f"line:{(record.get('error') or {}).get('line')}"
+    """What a record in the output stands for: an error its input line, a result its
+    request. The loop in run_batch keys input lines the same way (line_key, id_key)."""
+    line = (record.get("error") or {}).get("line")
+    if line is not None:
+        return line_key(line)
+    return id_key(record.get("custom_id"))
+
+
+def line_key(number: int) -> str:
+    return f"line:{number}"
+
+
+def id_key(custom_id: Any) -> str:
+    # JSON, not str(): the custom_ids "1" and 1 (or "True" and true) are different requests
+    return "id:" + json.dumps(custom_id, sort_keys=True)
 
 
 def read_requests(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
@@ -175,16 +191,20 @@ async def run_batch(engine, input_path: Path, output_path: Path, max_in_flight: 
             slots.release()
 
     try:
-        seen: set[str] = set()
+        first_line: dict[str, int] = {}  # custom_id -> the line that uses it first
         for number, request, problem in read_requests(input_path):
-            key = f"id:{request['custom_id']}" if not problem else f"line:{number}"
-            if key in done or key in seen:
-                summary.skipped += key in done
+            custom_id = request.get("custom_id") if isinstance(request, dict) else None
+            if custom_id is not None:
+                first = first_line.setdefault(id_key(custom_id), number)
+                if first != number and not problem:
+                    problem = f"custom_id {custom_id!r} is already used by line {first}"
+            # an error (written here or by one()) is recorded under its line, a result under
+            # its custom_id; a rerun skips the line if either is already in the output
+            if line_key(number) in done or (not problem and id_key(custom_id) in done):
+                summary.skipped += 1
                 bar.update(1)
                 continue
-            seen.add(key)
             if problem:
-                custom_id = request.get("custom_id") if isinstance(request, dict) else None
                 finish(error_record(custom_id, "invalid_request", problem, number))
                 summary.failed += 1
                 continue

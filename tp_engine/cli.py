@@ -156,7 +156,7 @@ def add_debug_flag(parser: argparse.ArgumentParser, default: object = False) -> 
 def run_under_torchrun(args: argparse.Namespace, rank: int, world_size: int) -> int:
     """torchrun started this process as one rank: rank 0 runs the subcommand with the
     controller, every other rank runs the worker loop only."""
-    from tp_engine.engine.torchrun_group import master_host, serve_rank
+    from tp_engine.engine.torchrun_group import master_host, run_rank
     from tp_engine.worker.distributed import init_distributed
 
     kwargs = dict(engine_kwargs(args), tensor_parallel_size=world_size, start_method="torchrun")
@@ -169,7 +169,7 @@ def run_under_torchrun(args: argparse.Namespace, rank: int, world_size: int) -> 
     init_distributed(rank, world_size, "env://", config.device, config.startup_timeout)
     if rank == 0:
         return args.run(args)
-    return serve_rank(config, rank, world_size)
+    return run_rank(config, rank, world_size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

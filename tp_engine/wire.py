@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import msgpack
 import zmq
@@ -63,11 +63,21 @@ class LoadFailed(Message):
     error: str
 
 
+class Sample(NamedTuple):
+    """A sequence to sample in a step. Step.samples carries these as plain lists."""
+    index: int           # the sequence's place in the step
+    temperature: float   # 0: greedy
+    top_p: float
+    top_k: int           # 0: all
+    seed: int            # -1: the engine's generator
+    output_index: int    # which output token it draws: a seeded draw depends on it
+
+
 @dataclass
 class Step(Message):
     """One forward pass. Sequence i brings query_lens[i] new tokens after starts[i] cached ones;
-    `samples` lists [batch index, temperature, top_p, top_k, seed or -1, output index] for each
-    sequence whose last new token is to be sampled (by rank 0). Steps are pipelined: a token
+    `samples` lists a Sample for each sequence whose last new token is to be sampled (by
+    rank 0). Steps are pipelined: a token
     the previous step is still sampling travels as -1 - k, "the last token of sample k of the
     previous step", which every rank fills in from the tokens rank 0 shares after each step.
     `decode_steps`, when not empty, makes this a run of decode steps (see model/decode_run):
@@ -80,6 +90,14 @@ class Step(Message):
     block_tables: list
     samples: list
     decode_steps: list
+
+    def named_samples(self) -> list[Sample]:
+        """`samples` by name; a ValueError for one of the wrong shape."""
+        try:
+            return [Sample(*s) for s in self.samples]
+        except TypeError:
+            raise ValueError("step: a sample is not [index, temperature, top_p, top_k, seed, "
+                             "output index]") from None
 
 
 @dataclass

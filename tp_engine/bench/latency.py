@@ -57,7 +57,7 @@ def measure(engine, concurrency: int, args: argparse.Namespace, vocab: int,
     errors: list[BaseException] = []
     per = args.requests_per_client
     threads = [threading.Thread(target=client, args=(
-        engine._core, [r.prompt_ids for r in requests[c * per:(c + 1) * per]], args.max_tokens,
+        engine.core, [r.prompt_ids for r in requests[c * per:(c + 1) * per]], args.max_tokens,
         results, errors)) for c in range(concurrency)]
     start = time.perf_counter()
     for t in threads:
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
     levels = [int(x) for x in args.concurrency.split(",")]
     rows = []
     with Engine(**engine_kwargs) as engine:
-        vocab = engine._core.model_config.vocab_size
+        vocab = engine.core.model_config.vocab_size
         measure(engine, 1, argparse.Namespace(**{**vars(args), "requests_per_client": 1}),
                 vocab, seed=-1)  # warm-up
         for level in levels:

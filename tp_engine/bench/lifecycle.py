@@ -29,7 +29,7 @@ def _submit(engine, n: int, max_tokens: int = 100_000) -> list:
     from tp_engine.engine.request import SyncSink
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    return [engine._core.submit([5 + i % 50, 6, 7], params, SyncSink()) for i in range(n)]
+    return [engine.core.submit([5 + i % 50, 6, 7], params, SyncSink()) for i in range(n)]
 
 
 def _first_token(state) -> None:
@@ -59,7 +59,9 @@ def warm_and_terminate(kwargs: dict, runs: int, in_flight: int) -> dict[str, lis
 
 
 def worker_kill(kwargs: dict, runs: int) -> list[float]:
-    """Seconds from SIGKILL of rank 1 (rank 0 if alone) until the waiting caller raises."""
+    """Seconds from SIGKILL of rank 1 (rank 0 if alone) until the waiting caller raises. Run
+    by lifecycle_proc in a controller of its own, which keeps the failure messages that the
+    kills cause (in this controller and in the surviving workers) off the user's terminal."""
     from tp_engine import Engine
     from tp_engine.errors import WorkerDiedError
 
@@ -100,7 +102,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
         results["import"].append(imported)
         results["cold"].append(ready)
     results.update(warm_and_terminate(kwargs, args.runs, args.in_flight))
-    results["worker kill"] = worker_kill(kwargs, args.runs)
+    results["worker kill"] = lifecycle_proc.worker_kill(kwargs, args.runs)
     for _ in range(args.process_runs):
         results["controller kill"].append(lifecycle_proc.controller_kill(kwargs))
     tp = kwargs["tensor_parallel_size"]

@@ -1,7 +1,15 @@
-"""The lifecycle measurements that need a fresh controller process: a cold start (nothing
-imported, no forkserver yet) and a controller killed by SIGKILL. The child runs `_child` from a
-`python -c` line that notes the time before anything of tp_engine is imported; it prints one
-JSON line."""
+"""The lifecycle measurements that run in a controller process of their own: a cold start
+(nothing imported, no forkserver yet), a controller killed by SIGKILL, and a worker killed by
+SIGKILL. The child runs `_child` from a `python -c` line that notes the time before anything of
+tp_engine is imported; it prints one JSON line.
+
+The deliberate kills make the engine say what a real failure would: the controller logs
+"engine failed: worker rank 1 died (killed by signal SIGKILL)", and the surviving rank logs
+"rank 0 failed step N: ... Connection reset by peer" (gloo's exception, logged by the
+worker's own logger in the worker process, out of reach of any logger level set in the
+benchmark's process). So the children that kill write their stderr, their workers' with it
+(the forkserver a child starts inherits its stderr), to a file, shown only when the
+measurement itself fails."""
 
 from __future__ import annotations
 
@@ -10,14 +18,20 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 CHILD = ("import time; start = time.perf_counter(); import sys, json; "
          "from tp_engine.bench.lifecycle_proc import _child; "
-         "_child(json.loads(sys.argv[1]), sys.argv[2], start)")
+         "_child(json.loads(sys.argv[1]), sys.argv[2], start, *sys.argv[3:])")
 
 
-def _child(kwargs: dict, mode: str, start: float) -> None:
+def _child(kwargs: dict, mode: str, start: float, runs: str = "1") -> None:
+    if mode == "worker-kill":
+        from tp_engine.bench.lifecycle import worker_kill
+
+        print(json.dumps({"seconds": worker_kill(kwargs, int(runs))}), flush=True)
+        return
     from tp_engine import Engine, SamplingParams
 
     imported = time.perf_counter()
@@ -34,14 +48,28 @@ def _child(kwargs: dict, mode: str, start: float) -> None:
         engine.generate([{"prompt_token_ids": [5, 6, 7]}] * 4, params)
 
 
-def _spawn(kwargs: dict, mode: str) -> tuple[subprocess.Popen, dict]:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(kwargs), mode],
-                            stdout=subprocess.PIPE, text=True)
+def _spawn(kwargs: dict, mode: str, *args: str,
+           stderr=None) -> tuple[subprocess.Popen, dict]:
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(kwargs), mode, *args],
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
     line = proc.stdout.readline()
     if not line:
         proc.wait()
-        raise RuntimeError(f"the benchmark's controller process exited with {proc.returncode}")
+        raise RuntimeError(f"the benchmark's controller process exited with {proc.returncode}"
+                           + _tail(stderr))
     return proc, json.loads(line)
+
+
+def _stderr_file():
+    return tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
+
+
+def _tail(stderr, chars: int = 4000) -> str:
+    """The end of a child's stderr file, to show when its measurement failed."""
+    if stderr is None:
+        return ""
+    stderr.seek(0)
+    return ":\n" + stderr.read()[-chars:]
 
 
 def cold_start(kwargs: dict) -> tuple[float, float]:
@@ -51,9 +79,21 @@ def cold_start(kwargs: dict) -> tuple[float, float]:
     return info["import_s"], info["ready_s"]
 
 
+def worker_kill(kwargs: dict, runs: int) -> list[float]:
+    """lifecycle.worker_kill, in a controller of its own whose stderr is kept out of sight."""
+    with _stderr_file() as stderr:
+        proc, info = _spawn(kwargs, "worker-kill", str(runs), stderr=stderr)
+        proc.wait(timeout=60)
+        seconds = info["seconds"]
+        if proc.returncode != 0 or float("inf") in seconds:  # a death was missed: say why
+            sys.stderr.write(f"worker kill: exit {proc.returncode}{_tail(stderr)}\n")
+    return seconds
+
+
 def controller_kill(kwargs: dict, timeout: float = 10.0) -> float:
     """Seconds from SIGKILL of a busy controller until none of its workers runs any more."""
-    proc, info = _spawn(kwargs, "kill")
+    with _stderr_file() as stderr:  # a worker may see its peer leave first, and say so
+        proc, info = _spawn(kwargs, "kill", stderr=stderr)
     pids = info["pids"]
     time.sleep(0.3)  # let it get busy
     start = time.perf_counter()

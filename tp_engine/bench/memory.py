@@ -42,7 +42,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
     rows = []
     for tp in [int(x) for x in args.sizes.split(",")]:
         with Engine(**{**engine_kwargs, "tensor_parallel_size": tp}) as engine:
-            core = engine._core
+            core = engine.core
             requests = common.workload(args.requests, (16, 64), (16, 32),
                                        core.model_config.vocab_size, args.workload_seed)
             engine.generate([{"prompt_token_ids": r.prompt_ids} for r in requests],

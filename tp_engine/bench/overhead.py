@@ -43,12 +43,11 @@ def engine_step(engine, prompts: list[list[int]], t1: int,
     batch of tokens that ends at or after output token t1 to the first that ends at or after
     t2 (and after the first); and the indices of those two tokens."""
     from tp_engine import SamplingParams
-    from tp_engine.engine.llm import wait
 
-    loop = engine._core.loop
+    loop = engine.core.loop
     run = engine.config.decode_steps  # a batch ends at least every `run` tokens
     params = SamplingParams(max_tokens=max(t2, t1 + run) + run, temperature=0, ignore_eos=True)
-    states = engine._core.submit_many([(p, params, None) for p in prompts])  # as generate()
+    states = engine.core.submit_many([(p, params, None) for p in prompts])  # as generate()
     arrivals = []  # (index of a batch's last token, arrival time, steps run, model seconds)
     received = 0
     while True:
@@ -60,7 +59,7 @@ def engine_step(engine, prompts: list[list[int]], t1: int,
         if delta.finish_reason is not None:
             break
     for state in states[1:]:  # the others finish with the same step
-        wait(state)
+        state.result()
     first = next(a for a in arrivals if a[0] >= t1)
     last = next(a for a in arrivals if a[0] >= max(t2, first[0] + 1))
     steps = last[2] - first[2]
@@ -129,7 +128,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
     kwargs = {**engine_kwargs, "tensor_parallel_size": 1}  # the bare forward is one process
     rows = []
     with Engine(**kwargs) as engine:
-        vocab = engine._core.model_config.vocab_size
+        vocab = engine.core.model_config.vocab_size
         bare = Bare(engine.config.model, engine.config.block_size)
         for batch in (int(x) for x in args.batch_sizes.split(",")):
             prompts = [r.prompt_ids for r in common.workload(

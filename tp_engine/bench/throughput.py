@@ -54,7 +54,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
     engines = {tp: Engine(**{**engine_kwargs, "tensor_parallel_size": tp}) for tp in tps}
     try:
         first = next(iter(engines.values()))
-        vocab, path = first._core.model_config.vocab_size, first.config.model
+        vocab, path = first.core.model_config.vocab_size, first.config.model
         requests = common.workload(args.requests, pair(args.prompt_len), pair(args.output_len),
                                    vocab, seed=args.workload_seed)
         hf = None

@@ -17,9 +17,9 @@ import time
 from tp_engine import wire
 from tp_engine.config import EngineConfig
 from tp_engine.engine.block_manager import BlockManager
-from tp_engine.engine.lifecycle import Deadline, Resources
 from tp_engine.engine.request import Registry, RequestState, SyncSink
 from tp_engine.engine.request_loop import RequestLoop
+from tp_engine.engine.resources import Deadline, Resources
 from tp_engine.engine.sampling_params import SamplingParams
 from tp_engine.engine.scheduler import Scheduler, Sequence
 from tp_engine.engine.stream_back import StreamBack

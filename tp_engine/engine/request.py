@@ -161,6 +161,24 @@ class RequestState:
         await self.sink.wait()
         return self._take()
 
+    def result(self) -> RequestOutput:
+        """Wait for the end (a SyncSink's request); raises the request's error."""
+        while True:
+            delta = self.get()
+            if delta.error is not None:
+                raise delta.error
+            if delta.finish_reason is not None:
+                return self.output
+
+    async def aresult(self) -> RequestOutput:
+        """Wait for the end (an AsyncSink's request); raises the request's error."""
+        while True:
+            delta = await self.aget()
+            if delta.error is not None:
+                raise delta.error
+            if delta.finish_reason is not None:
+                return self.output
+
     def _take(self) -> Delta:
         """The news since the last read, as one delta; the output grows by it."""
         with self._lock:

@@ -84,7 +84,7 @@ class RequestLoop:
 
     def _run(self) -> None:
         try:
-            self._serve()
+            self._step_loop()
         except _Stopping:
             pass
         except EngineError as e:
@@ -100,7 +100,7 @@ class RequestLoop:
             self.stream_back.stop()
             self.group.send_shutdown()
 
-    def _serve(self) -> None:
+    def _step_loop(self) -> None:
         """Keep two steps in flight: while the workers compute one, the next is scheduled,
         built and already queued in their sockets, so the workers never wait for this thread
         (its scheduling, the messages, the stream-back handoff all overlap the forward). The
@@ -173,9 +173,9 @@ class RequestLoop:
             if start + n == known + seq.pending:  # all computed: sample the next token(s)
                 p = seq.params
                 seq.pending_index = len(samples)
-                samples.append([index, float(p.temperature), float(p.top_p), p.top_k,
-                                -1 if p.seed is None else p.seed,
-                                known + seq.pending - seq.prompt_len])
+                samples.append(wire.Sample(index, float(p.temperature), float(p.top_p),
+                                           p.top_k, -1 if p.seed is None else p.seed,
+                                           known + seq.pending - seq.prompt_len))
                 seq.pending += k
                 sampled.append((seq, k))
         step = wire.Step(next(self._step_ids), starts, lens, tokens.tobytes(), tables, samples,

@@ -15,9 +15,9 @@ import threading
 
 from tp_engine import wire
 from tp_engine.config import AUTH_KEY_ENV, EngineConfig
-from tp_engine.engine.lifecycle import Deadline
+from tp_engine.engine.resources import Deadline
 from tp_engine.engine.worker_group import WorkerGroup
-from tp_engine.worker.main import WorkerArgs, serve
+from tp_engine.worker.main import WorkerArgs, worker_loop
 from tp_engine.worker.parent_watch import watch_parent
 
 log = logging.getLogger("tp_engine.torchrun")
@@ -34,7 +34,7 @@ class TorchrunGroup(WorkerGroup):
         share_string(f"{self.endpoint} {shared}", self.config.device)
         args = WorkerArgs(self.config, 0, self.size, self.endpoint, "env://", os.getpid(),
                           owns_group=False)
-        self.local = threading.Thread(target=serve, args=(args,), name="tp-engine-rank-0",
+        self.local = threading.Thread(target=worker_loop, args=(args,), name="tp-engine-rank-0",
                                       daemon=True)
         self.local.start()
 
@@ -72,7 +72,7 @@ def master_host() -> str:
     return socket.gethostbyname(os.environ.get("MASTER_ADDR", "127.0.0.1"))
 
 
-def serve_rank(config: EngineConfig, rank: int, world_size: int) -> int:
+def run_rank(config: EngineConfig, rank: int, world_size: int) -> int:
     """A rank other than 0: wait for the controller's address, then run the worker loop.
     Preemption's SIGTERM reaches every rank; rank 0 drains and sends SHUTDOWN, so the others
     wait for it, but no longer than a grace period."""
@@ -83,7 +83,7 @@ def serve_rank(config: EngineConfig, rank: int, world_size: int) -> int:
 
     endpoint, _, key = share_string(None, config.device).partition(" ")
     config.auth_key = key or config.auth_key
-    return serve(WorkerArgs(config, rank, world_size, endpoint, "env://", os.getppid()))
+    return worker_loop(WorkerArgs(config, rank, world_size, endpoint, "env://", os.getppid()))
 
 
 def _exit_later(signum: int, frame: object) -> None:

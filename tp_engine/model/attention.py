@@ -9,7 +9,7 @@ block table); token position p lives in slot `table[p // block_size] * block_siz
 block_size`.
 
 One step may mix prefills and decodes: every sequence brings `query_len` new tokens after
-`start` tokens already in the cache. The two kinds are computed apart (see attention_meta):
+`start` tokens already in the cache. The two kinds are computed apart (see attention_groups):
 - decodes (one new token): one row of scores per head, so two batched matmuls over the
   gathered blocks and an additive mask, with no padded queries;
 - prefills (several new tokens): one scaled-dot-product attention over the sequences, padded to
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tp_engine.model.attention_meta import (
+from tp_engine.model.attention_groups import (
     DecodeGroup,
     PrefillGroup,
     decode_groups,

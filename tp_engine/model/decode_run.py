@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tp_engine.model.attention import AttentionMetadata
-from tp_engine.model.attention_meta import (
+from tp_engine.model.attention_groups import (
     DecodeGroup,
     causal_mask,
     decode_groups,

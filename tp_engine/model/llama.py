@@ -9,7 +9,6 @@ from torch import nn
 
 from tp_engine.model.attention import AttentionMetadata, paged_attention
 from tp_engine.model.config import ModelConfig
-from tp_engine.model.layers import RMSNorm, RotaryEmbedding
 from tp_engine.model.parallel import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -18,6 +17,8 @@ from tp_engine.model.parallel import (
     TensorParallel,
     VocabParallelEmbedding,
 )
+from tp_engine.model.rmsnorm import RMSNorm
+from tp_engine.model.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-# a spec: [batch index, temperature, top_p, top_k, seed or -1, output index]
-Spec = list
+from tp_engine.wire import Sample
 
 
 class Sampler:
@@ -18,24 +17,24 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, specs: list[Spec]) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, specs: list[Sample]) -> torch.Tensor:
         """One token per row of `logits`, as a tensor of int64 on the logits' device."""
         logits = logits.float()
         tokens = argmax(logits)
-        rows = [i for i, spec in enumerate(specs) if spec[1] > 0]
+        rows = [i for i, spec in enumerate(specs) if spec.temperature > 0]
         if rows:
             picked = self._sample([specs[i] for i in rows], logits[rows])
             tokens[rows] = picked
         return tokens
 
-    def _sample(self, specs: list[Spec], logits: torch.Tensor) -> torch.Tensor:
-        temperature = torch.tensor([s[1] for s in specs], device=self.device)
+    def _sample(self, specs: list[Sample], logits: torch.Tensor) -> torch.Tensor:
+        temperature = torch.tensor([s.temperature for s in specs], device=self.device)
         logits = logits / temperature[:, None]
-        logits = _top_k_top_p(logits, [s[3] for s in specs], [s[2] for s in specs])
+        logits = _top_k_top_p(logits, [s.top_k for s in specs], [s.top_p for s in specs])
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs)
         for row, spec in enumerate(specs):
-            seed, index = spec[4], spec[5]
+            seed, index = spec.seed, spec.output_index
             if seed >= 0:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed((seed * 1_000_003 + index) % (2**63))

@@ -9,8 +9,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tp_engine.engine.async_engine import AsyncStream
-from tp_engine.engine.openai_api import (
+from tp_engine.engine.openai import (
+    ChunkStream,
     PreparedRequest,
     prepare_chat,
     prepare_completion,
@@ -43,7 +43,7 @@ class Job:
             server.metrics.rejected.labels(str(error.status)).inc()
             raise error from e
         self.request = request
-        self.stream = AsyncStream(core, self.state, request, body.include_usage)
+        self.stream = ChunkStream(core, self.state, request, body.include_usage)
         self.aborted_by_server = False
         self.error: BaseException | None = None
         self._counted, self._first, self._last = 0, 0.0, 0.0

@@ -53,7 +53,7 @@ class _Request(BaseModel):
         return self.max_tokens
 
     def sampling_args(self) -> dict[str, Any]:
-        """Keyword arguments for tp_engine.engine.openai_api.sampling_params."""
+        """Keyword arguments for tp_engine.engine.openai.sampling_params."""
         extra: dict[str, Any] = {"n": self.n, "ignore_eos": self.ignore_eos}
         if self.top_k is not None:
             extra["top_k"] = self.top_k

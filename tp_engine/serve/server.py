@@ -24,7 +24,7 @@ from typing import Any
 import prometheus_client
 import uvicorn
 
-from tp_engine.engine.async_engine import AsyncEngine
+from tp_engine.engine.api import AsyncEngine
 from tp_engine.serve.app import create_app
 from tp_engine.serve.state import ServerState
 

@@ -11,7 +11,7 @@ from tp_engine.serve.errors import APIError, unavailable
 from tp_engine.serve.metrics import Metrics, queue_depth
 
 if TYPE_CHECKING:
-    from tp_engine.engine.async_engine import AsyncEngine
+    from tp_engine.engine.api import AsyncEngine
 
 log = logging.getLogger("tp_engine.serve")
 

@@ -43,10 +43,10 @@ def worker_main(args: WorkerArgs, alive: Connection | None) -> None:
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     watch_parent(alive, args.controller_pid)
-    os._exit(serve(args))
+    os._exit(worker_loop(args))
 
 
-def serve(args: WorkerArgs) -> int:
+def worker_loop(args: WorkerArgs) -> int:
     """Load, report, run the loop; return the exit code. Also the torchrun worker entry."""
     ctx = zmq.Context()
     sock = wire.connect_dealer(ctx, args.endpoint, args.rank)

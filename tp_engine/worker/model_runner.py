@@ -21,7 +21,7 @@ from tp_engine.model.decode_run import DecodeRun
 from tp_engine.model.loader import DTYPES, load_model
 from tp_engine.model.parallel import TensorParallel
 from tp_engine.model.sampler import Sampler
-from tp_engine.wire import Step
+from tp_engine.wire import Sample, Step
 from tp_engine.worker.distributed import current_device
 from tp_engine.worker.interrupted import Interrupted
 
@@ -142,20 +142,21 @@ class ModelRunner:
                               f"({self._bytes_per_block()} bytes a block)")
         return int(blocks)
 
-    def check(self, step: Step) -> None:
-        """Refuse a step that would index out of range. Every rank checks the same message the
-        same way, so all of them refuse it before any collective starts. Builtins over the
-        lists (map, min, max) keep it to microseconds."""
+    def check(self, step: Step) -> list[Sample]:
+        """Refuse a step that would index out of range; its samples by name. Every rank checks
+        the same message the same way, so all of them refuse it before any collective starts.
+        Builtins over the lists (map, min, max) keep it to microseconds."""
         starts, qlens, tables = step.starts, step.query_lens, step.block_tables
         n = len(starts)
         if not (n == len(qlens) == len(tables)) or n == 0:
             raise ValueError("step: starts, query_lens and block_tables differ in length")
         if len(step.token_ids) != 4 * sum(qlens) or min(qlens) < 1:
             raise ValueError("step: token bytes do not match query_lens")
-        if any(not 0 <= s[0] < n for s in step.samples):
+        samples = step.named_samples()
+        if any(not 0 <= s.index < n for s in samples):
             raise ValueError("step: a sample names no sequence")
         if step.decode_steps:
-            self._check_run(step)
+            self._check_run(step, samples)
         # a run of decode steps reaches decode_steps[i] positions past starts[i]
         ends = list(map(operator.add, starts, step.decode_steps or qlens))
         if max(ends) > self.config.max_model_len:
@@ -166,12 +167,13 @@ class ModelRunner:
         used = [t for t in tables if t]
         if used and (min(map(min, used)) < 0 or max(map(max, used)) >= self.num_blocks):
             raise ValueError("step: a block id is out of range")
+        return samples
 
-    def _check_run(self, step: Step) -> None:
+    def _check_run(self, step: Step, samples: list[Sample]) -> None:
         runs = step.decode_steps
-        if len(runs) != len(step.starts) or len(step.samples) != len(runs):
+        if len(runs) != len(step.starts) or len(samples) != len(runs):
             raise ValueError("step: decode_steps needs one count and one sample per sequence")
-        if max(step.query_lens) != 1 or any(s[0] != i for i, s in enumerate(step.samples)):
+        if max(step.query_lens) != 1 or any(s.index != i for i, s in enumerate(samples)):
             raise ValueError("step: a run of decode steps must decode and sample in order")
         if min(runs) < 1 or max(runs) > MAX_DECODE_STEPS:
             raise ValueError(f"step: decode_steps must be 1 to {MAX_DECODE_STEPS}")
@@ -182,29 +184,29 @@ class ModelRunner:
     def step(self, step: Step, stop_asked: Callable[[], bool] = lambda: False) -> list[int] | None:
         """Run `step`; rank 0 returns the sampled tokens. A run of decode steps asks
         `stop_asked` (rank 0's answer counts) between two steps, and raises Interrupted."""
-        self.check(step)
+        samples = self.check(step)
         ids = self._token_ids(step)
         if step.decode_steps:
-            return self._decode_run(step, ids, stop_asked)
+            return self._decode_run(step, samples, ids, stop_asked)
         meta = AttentionMetadata.build(step.starts, step.query_lens, step.block_tables,
                                        self.config.block_size, self.window, self.device)
         ids_t = torch.frombuffer(ids, dtype=torch.int32).to(self.device, torch.long)
         began = time.perf_counter()
         hidden = self.model(ids_t, meta.positions, self.caches, meta)
-        if not step.samples:
+        if not samples:
             self.model_seconds = time.perf_counter() - began
             self.last_sampled = []
             return None
-        rows = [self._ends[s[0]] - 1 for s in step.samples]
+        rows = [self._ends[s.index] - 1 for s in samples]
         if rows != list(range(hidden.shape[0])):  # a decode step samples every row: no copy
             hidden = hidden[torch.tensor(rows, device=self.device)]
         logits = self.model.compute_logits(hidden)
-        tokens = self.sampler(logits, step.samples) if self.sampler is not None else None
+        tokens = self.sampler(logits, samples) if self.sampler is not None else None
         self.model_seconds = time.perf_counter() - began
-        self.last_sampled = self._share(tokens, len(step.samples))[0].tolist()
+        self.last_sampled = self._share(tokens, len(samples))[0].tolist()
         return self.last_sampled if self.sampler is not None else None
 
-    def _decode_run(self, step: Step, ids: array,
+    def _decode_run(self, step: Step, samples: list[Sample], ids: array,
                     stop_asked: Callable[[], bool]) -> list[int] | None:
         """Several decode steps, each one's sampled tokens the next one's input. Returns each
         sequence's tokens, sequence by sequence (rank 0; None elsewhere)."""
@@ -212,7 +214,7 @@ class ModelRunner:
                               self.config.block_size, self.window, self.score_heads, self.dtype,
                               self.device)
         tokens = torch.frombuffer(ids, dtype=torch.int32).to(self.device, torch.long)
-        specs, drawn = step.samples, any(s[1] > 0 for s in step.samples)
+        specs, drawn = samples, any(s.temperature > 0 for s in samples)
         # each step's tokens, kept on the device: one copy out at the end of the run
         sampled = torch.empty(len(run), len(step.starts), dtype=torch.long, device=self.device)
         self.model_seconds = 0.0
@@ -223,7 +225,7 @@ class ModelRunner:
                 group.bias_for(self.score_heads, self.dtype,
                                group.tables.shape[1] * run.block_size)
             if self.sampler is not None and i and drawn:  # a draw's output index moves on
-                specs = [[*s[:5], s[5] + i] for s in step.samples[:run.running[i]]]
+                specs = [Sample(*s[:5], s.output_index + i) for s in samples[:run.running[i]]]
             began = time.perf_counter()
             hidden = self.model(tokens, meta.positions, self.caches, meta)
             logits = self.model.compute_logits(hidden)

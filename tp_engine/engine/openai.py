@@ -1,9 +1,12 @@
 """`engine.chat.completions.create` and `engine.completions.create`: turn OpenAI arguments into
-a request, and our outputs back into OpenAI's response shapes. The sync and async fronts share
-everything here but the waiting."""
+a request, and our outputs back into OpenAI's response shapes. One design for both fronts: the
+namespaces take the front's `run` (sync: returns the response or a stream; async: a coroutine of
+them), and one stream class iterates either way. They differ only in how they wait."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +22,7 @@ from tp_engine.engine.openai_types import (
     Usage,
     new_id,
 )
-from tp_engine.engine.request import Delta, RequestOutput
+from tp_engine.engine.request import AsyncSink, Delta, RequestOutput, RequestState, SyncSink
 from tp_engine.engine.sampling_params import SamplingParams
 from tp_engine.errors import InvalidRequestError
 
@@ -106,23 +109,52 @@ def prepare_completion(core, prompt: str | list[int], model: str | None,
                            params)
 
 
-class StreamChunks:
-    """Turns a request's deltas into OpenAI stream chunks; the sync and async streams differ
-    only in how they wait for the next delta."""
+class ChunkStream:
+    """A request's deltas as OpenAI stream chunks: an iterator (openai.Stream) for the sync
+    front, an async iterator (openai.AsyncStream) for the async one. Closing it early aborts
+    the request."""
 
-    def __init__(self, request: PreparedRequest, state, include_usage: bool):
-        self.request, self.state = request, state
+    def __init__(self, core, state: RequestState, request: PreparedRequest,
+                 include_usage: bool):
+        self._core, self._state, self.request = core, state, request
         self.include_usage = include_usage
         self.first, self.done, self.usage_due = True, False, False
 
-    def usage_chunk(self):
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        chunk = self._usage_chunk()
+        while chunk is None and not self.done:
+            chunk = self._take(self._state.get())
+        if chunk is None:
+            raise StopIteration
+        return chunk
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        chunk = self._usage_chunk()
+        try:
+            while chunk is None and not self.done:
+                chunk = self._take(await self._state.aget())
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    def _usage_chunk(self):
         """The closing usage-only chunk, once, when it is due."""
         if not self.usage_due:
             return None
         self.usage_due, self.done = False, True
-        return self.request.chunk(None, usage=self.request.usage(len(self.state.output.token_ids)))
+        tokens = len(self._state.output.token_ids)
+        return self.request.chunk(None, usage=self.request.usage(tokens))
 
-    def take(self, delta: Delta):
+    def _take(self, delta: Delta):
         """The chunk for `delta`, or None when it has nothing to show (a held-back stop
         prefix, a partial character); raises the request's error."""
         if delta.error is not None:
@@ -138,4 +170,96 @@ class StreamChunks:
         return chunk
 
     def close(self) -> None:
+        if not self._state.finished:
+            self._core.abort(self._state)
         self.done, self.usage_due = True, False
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def run(core, request: PreparedRequest, stream: bool, include_usage: bool):
+    """The sync front's way: wait in this thread."""
+    state = core.submit(request.prompt_ids, request.params, SyncSink(), request.prompt,
+                        request.request_id)
+    if stream:
+        return ChunkStream(core, state, request, include_usage)
+    try:
+        return request.response(state.result())
+    finally:
+        if not state.finished:
+            core.abort(state)
+
+
+async def run_async(core, request: PreparedRequest, stream: bool, include_usage: bool):
+    """The async front's way: wait on the event loop."""
+    sink = AsyncSink(asyncio.get_running_loop())
+    state = core.submit(request.prompt_ids, request.params, sink, request.prompt,
+                        request.request_id)
+    if stream:
+        return ChunkStream(core, state, request, include_usage)
+    try:
+        return request.response(await state.aresult())
+    finally:
+        if not state.finished:
+            core.abort(state)
+
+
+Run = Callable[[Any, PreparedRequest, bool, bool], Any]  # run or run_async
+
+
+def _include_usage(extra: dict[str, Any]) -> bool:
+    return bool((extra.get("stream_options") or {}).get("include_usage"))
+
+
+class Completions:
+    """`engine.completions`: create() returns the response or a stream (awaitable ones from
+    the async front)."""
+
+    def __init__(self, core, run: Run):
+        self._core, self._run = core, run
+
+    def create(self, *, prompt: str | list[int], model: str | None = None,
+               max_tokens: int | None = 16, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None,
+               stop: str | list[str] | None = None, stream: bool = False,
+               **extra: Any) -> Any | Awaitable[Any]:
+        params = sampling_params(max_tokens, temperature, top_p, seed, stop, extra)
+        request = prepare_completion(self._core, prompt, model, params)
+        return self._run(self._core, request, stream, _include_usage(extra))
+
+
+class ChatCompletions:
+    """`engine.chat.completions`, as Completions."""
+
+    def __init__(self, core, run: Run):
+        self._core, self._run = core, run
+
+    def create(self, *, messages: list[dict], model: str | None = None,
+               max_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None,
+               stop: str | list[str] | None = None, stream: bool = False,
+               **extra: Any) -> Any | Awaitable[Any]:
+        params = sampling_params(max_tokens, temperature, top_p, seed, stop, extra)
+        request = prepare_chat(self._core, messages, model, params)
+        return self._run(self._core, request, stream, _include_usage(extra))
+
+
+class Chat:
+    def __init__(self, core, run: Run):
+        self.completions = ChatCompletions(core, run)
