@@ -207,7 +207,8 @@ def test_closing_a_stream_aborts_its_request(engine):
     stream.close()
     core = engine.core
     for _ in range(100):
-        if not core.scheduler.has_work() and core.blocks.num_free == core.blocks.num_blocks:
+        idle = not (core.scheduler.waiting or core.scheduler.running)
+        if idle and core.blocks.num_free == core.blocks.num_blocks:
             break
         asyncio.run(asyncio.sleep(0.01))
     assert core.blocks.num_free == core.blocks.num_blocks

@@ -96,13 +96,30 @@ def uneven(tmp_path_factory):
             for name, (variant, shape) in UNEVEN.items()}
 
 
+def variants_and_shares(tp: TensorParallel, paths: dict) -> tuple[dict, list[int]]:
+    """run_variants, and each rank's parameter bytes for the (one) checkpoint: one set of
+    ranks for both."""
+    return run_variants(tp, paths), parameter_bytes(tp, next(iter(paths.values())))
+
+
 @pytest.mark.parametrize("tp, name", [(2, "9 heads"), (3, "9 heads"), (4, "6 heads")])
 def test_uneven_tensor_parallel_matches_transformers(uneven, tp, name):
     """Heads, KV heads and the MLP shard as evenly as possible; a KV head whose query heads
     two ranks share is held by both (at TP 2 on 9 heads, rank 0's heads 0-4 use KV heads 0
-    and 1 unevenly)."""
+    and 1 unevenly). An uneven shard differs from an exact 1/TP by at most, in every layer,
+    one query head, one KV head (the one two ranks share) and one MLP row, plus the
+    vocabulary's padding."""
     paths = {name: uneven[name]}
-    assert_match_transformers(run_ranks(tp, run_variants, paths), paths)
+    results, per_rank = run_ranks(tp, variants_and_shares, paths)
+    assert_match_transformers(results, paths)
+    whole = parameter_bytes(TensorParallel(0, 1), uneven[name])[0]
+    shape = {**SMALL, **UNEVEN[name][1]}
+    hidden, dim = shape["hidden_size"], shape["hidden_size"] // shape["num_attention_heads"]
+    per_layer = (2 * hidden * dim + dim) + 2 * (hidden * dim + dim) + 3 * hidden
+    slack = 4 * (shape["num_hidden_layers"] * per_layer + 2 * hidden)
+    assert len(per_rank) == tp
+    for share in per_rank:
+        assert abs(share - whole / tp) <= slack, (per_rank, whole, slack)
 
 
 def assert_match_transformers(results: dict, paths: dict) -> None:
@@ -136,23 +153,8 @@ def parameter_bytes(tp: TensorParallel, path) -> list[int]:
 
 
 def test_each_rank_holds_its_share(checkpoints):
-    whole = run_ranks(1, parameter_bytes, checkpoints["mistral"])[0]
+    whole = parameter_bytes(TensorParallel(0, 1), checkpoints["mistral"])[0]
     per_rank = run_ranks(2, parameter_bytes, checkpoints["mistral"])
     for share in per_rank:
         # only the vocabulary's padding row makes a shard larger than an exact half
         assert abs(share - whole / 2) <= 64 * 4 * 2, (share, whole)
-
-
-@pytest.mark.parametrize("tp, name", [(2, "9 heads"), (3, "9 heads"), (4, "6 heads")])
-def test_each_rank_holds_about_its_share_when_uneven(uneven, tp, name):
-    """An uneven shard differs from an exact 1/TP by at most, in every layer, one query head,
-    one KV head (the one two ranks share) and one MLP row, plus the vocabulary's padding."""
-    whole = run_ranks(1, parameter_bytes, uneven[name])[0]
-    per_rank = run_ranks(tp, parameter_bytes, uneven[name])
-    shape = {**SMALL, **UNEVEN[name][1]}
-    hidden, dim = shape["hidden_size"], shape["hidden_size"] // shape["num_attention_heads"]
-    per_layer = (2 * hidden * dim + dim) + 2 * (hidden * dim + dim) + 3 * hidden
-    slack = 4 * (shape["num_hidden_layers"] * per_layer + 2 * hidden)
-    assert len(per_rank) == tp
-    for share in per_rank:
-        assert abs(share - whole / tp) <= slack, (per_rank, whole, slack)

@@ -1,6 +1,7 @@
 """A soak run: random requests, random aborts, client threads coming and going; then threads,
-file descriptors and memory are flat and every request is accounted for. The full run (5,000
-requests) is slow and off by default: TP_ENGINE_SOAK=5000 turns it on."""
+file descriptors and memory are flat and every request is accounted for. This is the harness
+of `tp-engine bench soak`, run once in the suite. The full run (5,000 requests) is slow and
+off by default: TP_ENGINE_SOAK=5000 turns it on."""
 
 from __future__ import annotations
 

@@ -78,9 +78,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def schedule(self) -> tuple[list[tuple[Sequence, int]], list[int], list[Sequence]]:
         """The next step's (sequence, new tokens) pairs; the decode steps each runs ([]: one
         step); and the sequences that can never fit in the cache (the caller finishes them
