@@ -77,7 +77,7 @@ def _stop_forkserver() -> None:
     try:
         os.kill(pid, signal.SIGKILL)
         server._stop()
-    except OSError:  # already gone, or reaped by someone else's os.wait()
+    except (OSError, AttributeError):  # already gone or reaped; or no _stop() (a new Python)
         pass
 
 
