@@ -115,9 +115,10 @@ class ChunkStream:
     the request."""
 
     def __init__(self, core, state: RequestState, request: PreparedRequest,
-                 include_usage: bool):
+                 include_usage: bool, continuous_usage: bool = False):
         self._core, self._state, self.request = core, state, request
         self.include_usage = include_usage
+        self.continuous_usage = continuous_usage  # vLLM's continuous_usage_stats
         self.first, self.done, self.usage_due = True, False, False
 
     def __iter__(self):
@@ -165,7 +166,10 @@ class ChunkStream:
             self.usage_due = self.include_usage
         elif not delta.text and not self.first:
             return None
-        chunk = self.request.chunk(delta, first=self.first)
+        usage = None
+        if self.continuous_usage:
+            usage = self.request.usage(len(self._state.output.token_ids))
+        chunk = self.request.chunk(delta, first=self.first, usage=usage)
         self.first = False
         return chunk
 

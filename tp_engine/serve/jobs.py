@@ -43,7 +43,8 @@ class Job:
             server.metrics.rejected.labels(str(error.status)).inc()
             raise error from e
         self.request = request
-        self.stream = ChunkStream(core, self.state, request, body.include_usage)
+        self.stream = ChunkStream(core, self.state, request, body.include_usage,
+                                  body.continuous_usage)
         self.aborted_by_server = False
         self.error: BaseException | None = None
         self._counted, self._first, self._last = 0, 0.0, 0.0

@@ -1,25 +1,40 @@
-"""The request bodies of the OpenAI endpoints as pydantic models: a wrong type, an unknown field
-or an unsupported feature is a 400 naming the field before anything reaches the engine. Value
-ranges (temperature, top_p, max_tokens...) are left to SamplingParams.validate, so that they
-are checked in one place for the Python API and the server alike."""
+"""The request bodies of the OpenAI endpoints as pydantic models: a wrong type or an unsupported
+feature is a 400 naming the field before anything reaches the engine; a field the server does
+not know is ignored with a warning, as vLLM does (clients send fields of their own: guidellm's
+stream_options.continuous_usage_stats, SDKs' newer fields). Value ranges (temperature, top_p,
+max_tokens...) are left to SamplingParams.validate, so that they are checked in one place for
+the Python API and the server alike."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+log = logging.getLogger("tp_engine.serve")
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Lenient(BaseModel):
+    """Unknown fields are kept aside, logged, and never used."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _warn_unknown(self) -> _Lenient:
+        if self.model_extra:
+            log.warning("%s: ignored unknown fields %s", type(self).__name__,
+                        ", ".join(sorted(self.model_extra)))
+        return self
+
+
+class StreamOptions(_Lenient):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage in every chunk
 
 
-class _Request(BaseModel):
+class _Request(_Lenient):
     """What chat and plain completions share (OpenAI's fields, then vLLM's extras)."""
-
-    # OpenAI answers an unknown argument with a 400 rather than ignoring it: so do we
-    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: int | None = None
@@ -48,6 +63,10 @@ class _Request(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     def effective_max_tokens(self) -> int | None:
         return self.max_tokens
