@@ -208,6 +208,31 @@ def test_unknown_fields_are_ignored_and_continuous_usage_is_streamed(server):
     assert chunks[-1].choices == []  # the closing usage chunk still comes
 
 
+def test_health_answers_while_a_huge_prompt_is_tokenized(server):
+    """A prompt of 2.4 MB takes the tokenizer about two seconds here: done on the event loop,
+    /health waited as long (a liveness probe would kill the server)."""
+    prompt = "different words making another text of some length. " * 45_000
+
+    async def probe_while_posting() -> tuple[float, list[float]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            post = asyncio.create_task(client.post(
+                server.url + "/v1/completions",
+                json=dict(model="tiny", prompt=prompt, max_tokens=1)))
+            began, waits = time.perf_counter(), []
+            while not post.done():
+                start = time.perf_counter()
+                assert (await client.get(server.url + "/health")).status_code == 200
+                waits.append(time.perf_counter() - start)
+                await asyncio.sleep(0.05)
+            reply = await post
+            assert reply.status_code == 400  # far over the context, once it is tokenized
+            return time.perf_counter() - began, waits
+
+    took, waits = asyncio.run(probe_while_posting())
+    assert took > 1.0, f"the prompt took only {took:.2f} s: the test shows nothing"
+    assert max(waits) < 0.5, f"/health took up to {max(waits):.2f} s"
+
+
 def test_bad_requests_are_400_and_the_server_keeps_serving(server):
     client = server.client()
     with pytest.raises(openai.BadRequestError) as e:

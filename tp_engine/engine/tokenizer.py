@@ -30,6 +30,12 @@ SPECIAL_TOKEN_KEYS = (
     "mask_token",
 )
 
+# A text longer than this is encoded by the batch call, which releases the GIL (the single call
+# holds it: a 2 MB prompt took 2 s, and the server's event loop tokenizes in a thread); not
+# always, since the batch call marks the process as having used the tokenizers' thread pool,
+# and it then warns at every later fork.
+LONG_TEXT = 1 << 16
+
 # transformers copies a message's reasoning under all these names so any template finds it.
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
@@ -199,6 +205,8 @@ class Tokenizer:
         return cls(hf_tok, special, template, eos_ids, bos_id, source=str(root))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > LONG_TEXT:  # the batch call releases the GIL while it works
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:

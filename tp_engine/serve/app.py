@@ -23,7 +23,7 @@ def create_app(server: ServerState) -> FastAPI:
 
     async def generate(body: ChatCompletionRequest | CompletionRequest,
                        raw: Request) -> Response:
-        job = new_job(server, body, time.perf_counter())  # raises what the client must see
+        job = await new_job(server, body, time.perf_counter())  # raises what the client sees
         if body.stream:
             return SSEResponse(sse_events(job))
         try:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from tp_engine.engine.openai import (
@@ -17,31 +18,32 @@ from tp_engine.engine.openai import (
     sampling_params,
 )
 from tp_engine.engine.request import AsyncSink
+from tp_engine.engine.sampling_params import SamplingParams
 from tp_engine.serve.errors import APIError, from_exception, unavailable
 from tp_engine.serve.protocol import ChatCompletionRequest, CompletionRequest
 from tp_engine.serve.state import ServerState
 
 
+def prepare(core, body: ChatCompletionRequest | CompletionRequest,
+            params: SamplingParams) -> PreparedRequest:
+    """The chat template and the tokenizer: seconds for a body of megabytes, so new_job runs
+    this in a thread, and /health and the other streams go on meanwhile."""
+    if isinstance(body, ChatCompletionRequest):
+        return prepare_chat(core, body.template_messages(), body.model, params)
+    return prepare_completion(core, body.prompt, body.model, params)
+
+
 class Job:
-    def __init__(self, server: ServerState, endpoint: str, body: Any, arrived: float):
+    def __init__(self, server: ServerState, endpoint: str, body: Any, arrived: float,
+                 core, request: PreparedRequest):
         self.server, self.endpoint, self.arrived = server, endpoint, arrived
-        fields = set(type(body).model_fields)
-        try:
-            self.core = core = server.admit(body.model).core
-            params = sampling_params(**body.sampling_args())
-            if isinstance(body, ChatCompletionRequest):
-                request = prepare_chat(core, body.template_messages(), body.model, params)
-            else:
-                request = prepare_completion(core, body.prompt, body.model, params)
+        self.core = core
+        with rejected(server, body):
             self._check_context(request)
             # submitted here rather than by the engine's create(), to check the context first
             self.state = core.submit(request.prompt_ids, request.params,
                                      AsyncSink(asyncio.get_running_loop()), request.prompt,
                                      request.request_id)
-        except Exception as e:
-            error = from_exception(e, fields)
-            server.metrics.rejected.labels(str(error.status)).inc()
-            raise error from e
         self.request = request
         self.stream = ChunkStream(core, self.state, request, body.include_usage,
                                   body.continuous_usage)
@@ -119,7 +121,22 @@ class Job:
         return self.request.response(self.state.output).to_dict()
 
 
-def new_job(server: ServerState, body: ChatCompletionRequest | CompletionRequest,
-            arrived: float) -> Job:
+@contextmanager
+def rejected(server: ServerState, body: Any) -> Iterator[None]:
+    """What goes wrong before the request runs is the client's to see: its error, counted."""
+    try:
+        yield
+    except Exception as e:
+        error = from_exception(e, set(type(body).model_fields))
+        server.metrics.rejected.labels(str(error.status)).inc()
+        raise error from e
+
+
+async def new_job(server: ServerState, body: ChatCompletionRequest | CompletionRequest,
+                  arrived: float) -> Job:
     endpoint = "chat" if isinstance(body, ChatCompletionRequest) else "completions"
-    return Job(server, endpoint, body, arrived)
+    with rejected(server, body):
+        core = server.admit(body.model).core
+        params = sampling_params(**body.sampling_args())
+        request = await asyncio.to_thread(prepare, core, body, params)
+    return Job(server, endpoint, body, arrived, core, request)
