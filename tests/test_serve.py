@@ -208,6 +208,33 @@ def test_unknown_fields_are_ignored_and_continuous_usage_is_streamed(server):
     assert chunks[-1].choices == []  # the closing usage chunk still comes
 
 
+def test_several_prompts_in_one_request_are_its_choices(server):
+    """lm-eval batches its prompts: each is a choice, in order, as if sent alone; the usage
+    is the sum. Streamed, several prompts are refused; one bad prompt refuses them all."""
+    client = server.client()
+    prompts = ["hello there", "the quick brown fox", "one two"]
+    reply = client.completions.create(model="tiny", prompt=prompts, max_tokens=5, **GREEDY)
+    alone = [client.completions.create(model="tiny", prompt=p, max_tokens=5, **GREEDY)
+             for p in prompts]
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert [c.text for c in reply.choices] == [a.choices[0].text for a in alone]
+    assert reply.usage.completion_tokens == 15
+    assert reply.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    ids = client.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], max_tokens=2,
+                                    **GREEDY)
+    assert [c.index for c in ids.choices] == [0, 1]
+    with pytest.raises(openai.BadRequestError, match="several prompts in a streamed"):
+        list(client.completions.create(model="tiny", prompt=prompts, max_tokens=2,
+                                       stream=True))
+    with pytest.raises(openai.BadRequestError):  # the second is far over the context
+        client.completions.create(model="tiny", prompt=["hi", "word " * 600], max_tokens=2)
+    deadline = time.monotonic() + 5
+    while (metric := parse_metrics(httpx.get(server.url + "/metrics").text).get(
+            "tp_engine_requests_running", 0)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metric == 0  # the first prompt's request did not stay behind
+
+
 def test_health_answers_while_a_huge_prompt_is_tokenized(server):
     """A prompt of 2.4 MB takes the tokenizer about two seconds here: done on the event loop,
     /health waited as long (a liveness probe would kill the server)."""

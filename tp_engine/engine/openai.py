@@ -38,6 +38,7 @@ class PreparedRequest:
     prompt: str
     prompt_ids: list[int]
     params: SamplingParams
+    index: int = 0        # its choice's index, among a request's several prompts
 
     def usage(self, completion_tokens: int) -> Usage:
         n = len(self.prompt_ids)
@@ -50,7 +51,7 @@ class PreparedRequest:
             return ChatCompletion(self.request_id, self.model, usage=usage,
                                   choices=[ChatChoice(0, ChatMessage(out.text), reason)])
         return Completion(self.request_id, self.model, usage=usage,
-                          choices=[CompletionChoice(0, out.text, reason)])
+                          choices=[CompletionChoice(self.index, out.text, reason)])
 
     def chunk(self, delta: Delta | None, first: bool = False,
               usage: Usage | None = None) -> ChatCompletionChunk | Completion:
@@ -61,7 +62,7 @@ class PreparedRequest:
             choices = [] if delta is None else [ChatChunkChoice(
                 0, ChoiceDelta(content=text, role="assistant" if first else None), reason)]
             return ChatCompletionChunk(self.request_id, self.model, choices=choices, usage=usage)
-        choices = [] if delta is None else [CompletionChoice(0, text, reason)]
+        choices = [] if delta is None else [CompletionChoice(self.index, text, reason)]
         return Completion(self.request_id, self.model, choices=choices, usage=usage)
 
 
@@ -98,15 +99,17 @@ def prepare_chat(core, messages: list[dict], model: str | None, params: Sampling
 
 
 def prepare_completion(core, prompt: str | list[int], model: str | None,
-                       params: SamplingParams) -> PreparedRequest:
+                       params: SamplingParams, index: int = 0,
+                       request_id: str | None = None) -> PreparedRequest:
+    """One prompt; `index` and `request_id` place it among a request's several prompts."""
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
         text, ids = None, prompt
     elif isinstance(prompt, str):
         text, ids = prompt, core.tokenizer.encode(prompt)
     else:
         raise InvalidRequestError("prompt must be a string or a list of token ids")
-    return PreparedRequest("completion", new_id("cmpl"), model or core.config.model, text, ids,
-                           params)
+    return PreparedRequest("completion", request_id or new_id("cmpl"),
+                           model or core.config.model, text, ids, params, index)
 
 
 class ChunkStream:

@@ -24,13 +24,14 @@ from tp_engine.serve.protocol import ChatCompletionRequest, CompletionRequest
 from tp_engine.serve.state import ServerState
 
 
-def prepare(core, body: ChatCompletionRequest | CompletionRequest,
-            params: SamplingParams) -> PreparedRequest:
-    """The chat template and the tokenizer: seconds for a body of megabytes, so new_job runs
+def prepare(core, body: ChatCompletionRequest | CompletionRequest, params: SamplingParams,
+            index: int, request_id: str | None) -> PreparedRequest:
+    """The chat template and the tokenizer: seconds for a body of megabytes, so new_jobs runs
     this in a thread, and /health and the other streams go on meanwhile."""
     if isinstance(body, ChatCompletionRequest):
         return prepare_chat(core, body.template_messages(), body.model, params)
-    return prepare_completion(core, body.prompt, body.model, params)
+    return prepare_completion(core, body.prompts()[index], body.model, params, index,
+                              request_id)
 
 
 class Job:
@@ -79,7 +80,7 @@ class Job:
             raise
         finally:
             self.stream.close()
-            self._finish()
+            self.finish()
 
     def _measure(self) -> None:
         n = len(self.state.output.token_ids)
@@ -92,7 +93,7 @@ class Job:
             self.server.metrics.generation_tokens.inc(n - self._counted)
             self._counted = n
 
-    def _finish(self) -> None:
+    def finish(self) -> None:
         if self not in self.server.jobs:
             return
         self.server.jobs.discard(self)
@@ -132,11 +133,46 @@ def rejected(server: ServerState, body: Any) -> Iterator[None]:
         raise error from e
 
 
-async def new_job(server: ServerState, body: ChatCompletionRequest | CompletionRequest,
-                  arrived: float) -> Job:
+async def new_jobs(server: ServerState, body: ChatCompletionRequest | CompletionRequest,
+                   arrived: float) -> list[Job]:
+    """One job per prompt (a chat has one), sharing the response's id. If one cannot be
+    made, none runs."""
     endpoint = "chat" if isinstance(body, ChatCompletionRequest) else "completions"
-    with rejected(server, body):
-        core = server.admit(body.model).core
-        params = sampling_params(**body.sampling_args())
-        request = await asyncio.to_thread(prepare, core, body, params)
-    return Job(server, endpoint, body, arrived, core, request)
+    count = len(body.prompts()) if isinstance(body, CompletionRequest) else 1
+    jobs: list[Job] = []
+    try:
+        with rejected(server, body):
+            if count > 1 and body.stream:
+                raise APIError(400, "several prompts in a streamed request are not supported",
+                               param="prompt")
+            core = server.admit(body.model).core
+            params = sampling_params(**body.sampling_args())
+        request_id = None
+        for index in range(count):
+            with rejected(server, body):
+                request = await asyncio.to_thread(prepare, core, body, params, index,
+                                                  request_id)
+            request_id = request.request_id
+            jobs.append(Job(server, endpoint, body, arrived, core, request))
+    except BaseException:
+        for job in jobs:
+            job.stream.close()  # aborts the request, frees its blocks
+            job.finish()
+        raise
+    return jobs
+
+
+async def results(jobs: list[Job]) -> dict[str, Any]:
+    """The whole response of one or several jobs: their choices in order, their usage summed.
+    However it ends, every job is closed."""
+    try:
+        parts = await asyncio.gather(*(job.result() for job in jobs))
+    finally:
+        for job in jobs:
+            job.stream.close()
+    response = parts[0]
+    if len(parts) > 1:
+        response["choices"] = [choice for part in parts for choice in part["choices"]]
+        response["usage"] = {key: sum(part["usage"][key] for part in parts)
+                             for key in response["usage"]}
+    return response

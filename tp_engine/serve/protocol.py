@@ -142,12 +142,9 @@ class CompletionRequest(_Request):
             raise ValueError("must be 1")
         return value
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: Any) -> str | list[int]:
-        # the client may wrap a single prompt in a list; several prompts are not supported
-        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
-            if len(value) != 1:
-                raise ValueError("only one prompt per request is supported")
-            return value[0]
-        return value
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one, or several (lm-eval batches them), each a choice."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0],
+                                                                         (str, list)):
+            return list(self.prompt)
+        return [self.prompt]
