@@ -47,9 +47,7 @@ class EngineConfig:
     # computed and dropped). Runs double from 2 up to this while no request arrives.
     decode_steps: int = field(default=16, metadata={
         "help": f"most decode steps a worker runs from one message, at most {MAX_DECODE_STEPS}"})
-    # a run is also kept to about this many seconds of decode steps, as measured: a request
-    # that arrives waits for the runs in flight, and a sequence that stops on EOS computes the
-    # rest of its run (with a real model's steps of tens of ms, 16 steps are seconds)
+    # why runs are bounded in time too: engine/scheduler.py
     decode_run_seconds: float | None = field(default=0.1, metadata={
         "help": "longest run of decode steps, in seconds of the measured step time (null in "
                 "a --config file: decode_steps alone bounds it)"})

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from tp_engine.model.config import ModelConfig
 from tp_engine.model.gguf_checkpoint import gguf_tensors
-from tp_engine.model.gguf_file import GGUFError, GGUFTensor, find_gguf, open_gguf
+from tp_engine.model.gguf_file import GGUFError, GGUFFile, GGUFTensor, find_gguf
 from tp_engine.model.llama import CausalLM
 from tp_engine.model.packed_linear import pack_model
 from tp_engine.model.parallel import TensorParallel, copy_shard
@@ -98,8 +98,10 @@ def load_weights(model: CausalLM, path: str | Path) -> None:
 def _tensors(file: Path, config: ModelConfig) -> Iterator[Iterator[tuple[str, str, Any]]]:
     """(name in the file, Hugging Face name, slice source) of every tensor of one file."""
     if file.suffix == ".gguf":
+        # opened here, not through open_gguf's cache: a worker needs the file only while it
+        # loads, and the mapping goes with the last tensor's reference
         yield ((tensor.name, name, GGUFSource(tensor, heads))
-               for name, tensor, heads in gguf_tensors(open_gguf(file), config))
+               for name, tensor, heads in gguf_tensors(GGUFFile(file), config))
         return
     with safe_open(file, framework="pt", device="cpu") as f:
         yield ((name, name, f.get_slice(name)) for name in f.keys())
