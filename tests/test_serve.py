@@ -210,7 +210,7 @@ def test_unknown_fields_are_ignored_and_continuous_usage_is_streamed(server):
 
 def test_several_prompts_in_one_request_are_its_choices(server):
     """lm-eval batches its prompts: each is a choice, in order, as if sent alone; the usage
-    is the sum. Streamed, several prompts are refused; one bad prompt refuses them all."""
+    is the sum; streamed, each chunk names its choice; one bad prompt refuses them all."""
     client = server.client()
     prompts = ["hello there", "the quick brown fox", "one two"]
     reply = client.completions.create(model="tiny", prompt=prompts, max_tokens=5, **GREEDY)
@@ -223,9 +223,13 @@ def test_several_prompts_in_one_request_are_its_choices(server):
     ids = client.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], max_tokens=2,
                                     **GREEDY)
     assert [c.index for c in ids.choices] == [0, 1]
-    with pytest.raises(openai.BadRequestError, match="several prompts in a streamed"):
-        list(client.completions.create(model="tiny", prompt=prompts, max_tokens=2,
-                                       stream=True))
+    streamed = list(client.completions.create(model="tiny", prompt=prompts, max_tokens=5,
+                                              stream=True, **GREEDY))
+    texts = ["", "", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [c.text for c in reply.choices]
     with pytest.raises(openai.BadRequestError):  # the second is far over the context
         client.completions.create(model="tiny", prompt=["hi", "word " * 600], max_tokens=2)
     deadline = time.monotonic() + 5
@@ -233,6 +237,45 @@ def test_several_prompts_in_one_request_are_its_choices(server):
             "tp_engine_requests_running", 0)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert metric == 0  # the first prompt's request did not stay behind
+
+
+def test_echo_logprobs_and_n_over_http(server):
+    """lm-eval's loglikelihood request (echo, logprobs, max_tokens 1 or 0, several prompts
+    as token ids), chat logprobs, n, and a stream of n samples with their logprobs."""
+    client = server.client()
+    ids = [5, 17, 33, 2, 9, 40]
+    reply = client.completions.create(model="tiny", prompt=[ids, ids[:4]], echo=True,
+                                      logprobs=2, max_tokens=1, temperature=0)
+    for choice, prompt in zip(reply.choices, [ids, ids[:4]]):
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(prompt) + 1 and lp.token_logprobs[0] is None
+        assert all(x < 0 for x in lp.token_logprobs[1:])
+        assert all(len(top) <= 3 for top in lp.top_logprobs[1:])  # 2, and the chosen one
+        assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())  # greedy
+        assert lp.text_offset == sorted(lp.text_offset)
+    zero = client.completions.create(model="tiny", prompt=ids, echo=True, logprobs=1,
+                                     max_tokens=0)
+    assert zero.usage.completion_tokens == 0
+    assert zero.choices[0].logprobs.token_logprobs == reply.choices[0].logprobs.token_logprobs[:-1]
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+        logprobs=True, top_logprobs=2, n=3, seed=4, extra_body={"ignore_eos": True})
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert len({c.message.content for c in chat.choices}) == 3
+    for choice in chat.choices:
+        assert len(choice.logprobs.content) == 5
+        assert all(len(e.top_logprobs) == 2 for e in choice.logprobs.content)
+    assert chat.usage.completion_tokens == 15
+    events: dict[int, int] = {}
+    for chunk in client.completions.create(model="tiny", prompt="hello", max_tokens=6, n=2,
+                                           logprobs=1, stream=True, seed=1,
+                                           extra_body={"ignore_eos": True}):
+        for choice in chunk.choices:
+            events[choice.index] = events.get(choice.index, 0) + len(choice.logprobs.tokens)
+    assert events == {0: 6, 1: 6}
+    biased = client.completions.create(model="tiny", prompt="hello", max_tokens=4, logprobs=0,
+                                       logit_bias={"7": 100}, **GREEDY)
+    assert len(set(biased.choices[0].logprobs.tokens)) == 1
 
 
 def test_health_answers_while_a_huge_prompt_is_tokenized(server):
@@ -272,7 +315,8 @@ def test_bad_requests_are_400_and_the_server_keeps_serving(server):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
                                        max_tokens=600)
     assert "maximum context length is 512" in e.value.message
-    for bad in (dict(messages=[]), dict(messages=[{"content": "no role"}]), dict(n=2)):
+    for bad in (dict(messages=[]), dict(messages=[{"content": "no role"}]), dict(n=0),
+                dict(messages=[{"role": "user"}]), dict(logit_bias={"999999": 5})):
         bad.setdefault("messages", [{"role": "user", "content": "x"}])
         with pytest.raises(openai.BadRequestError):
             client.chat.completions.create(model="tiny", **bad)

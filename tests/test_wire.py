@@ -25,8 +25,8 @@ from tp_engine.worker.main import WorkerArgs, worker_main
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 PROMPT = {"prompt_token_ids": [5, 17, 33, 2, 9]}
 EXAMPLES = [wire.Ready(0, 1, 2, 3), wire.LoadFailed(1, "x"), wire.StepDone(3, [1, 2], 1, 0.5),
-            wire.Step(1, [0], [2], array("i", [4, 5]).tobytes(), [[0]], [[0, 0.0, 1.0, 0, -1, 0]],
-                      [3]),
+            wire.Step(1, [0], [2], array("i", [4, 5]).tobytes(), [[0]],
+                      [[0, 0.0, 1.0, 0, -1, 0, 0.0, -1]], [3]),
             wire.StepFailed(0, 1, "e"), wire.Shutdown(), wire.Goodbye(1)]
 scalars = (st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text()
            | st.binary())
@@ -153,8 +153,11 @@ def test_a_worker_drops_hostile_frames_and_keeps_serving(tiny_model, tmp_path):
         for frames in junk_frames(2, 100, marker):
             router.send_multipart([sender, *frames])
         prompt = [5, 17, 33, 2, 9]
-        greedy = [0.0, 1.0, 0, -1]
-        step = wire.Step(1, [0], [5], array("i", prompt).tobytes(), [[0]], [[0, *greedy, 0]], [])
+
+        def greedy(output_index: int) -> list:  # a wire.Sample, greedy, no rank-0 state
+            return [0, 0.0, 1.0, 0, -1, output_index, 0.0, -1]
+
+        step = wire.Step(1, [0], [5], array("i", prompt).tobytes(), [[0]], [greedy(0)], [])
         bad = wire.Step(2, [0], [5], array("i", prompt).tobytes(), [[99]], [], [])
         for msg in (bad, step):
             router.send_multipart([sender, *link.frames(msg)])
@@ -168,8 +171,8 @@ def test_a_worker_drops_hostile_frames_and_keeps_serving(tiny_model, tmp_path):
         # does not sample, a sample of the wrong shape; then a good run of 4 steps from the
         # token step 1 sampled
         last = array("i", [-1]).tobytes()
-        bad_runs = {"too short": wire.Step(3, [5], [1], last, [[0]], [[0, *greedy, 1]], [12]),
-                    "decode_steps": wire.Step(4, [5], [1], last, [[0]], [[0, *greedy, 1]], [0]),
+        bad_runs = {"too short": wire.Step(3, [5], [1], last, [[0]], [greedy(1)], [12]),
+                    "decode_steps": wire.Step(4, [5], [1], last, [[0]], [greedy(1)], [0]),
                     "one sample": wire.Step(5, [5], [1], last, [[0]], [], [2]),
                     "a sample is not": wire.Step(7, [5], [1], last, [[0]], [[0, 1.0]], [])}
         for expected, msg in bad_runs.items():
@@ -177,7 +180,7 @@ def test_a_worker_drops_hostile_frames_and_keeps_serving(tiny_model, tmp_path):
             assert router.poll(30_000)
             failed = link.recv()[1]
             assert isinstance(failed, wire.StepFailed) and expected in failed.error
-        run = wire.Step(6, [5], [1], last, [[0]], [[0, *greedy, 1]], [4])
+        run = wire.Step(6, [5], [1], last, [[0]], [greedy(1)], [4])
         router.send_multipart([sender, *link.frames(run)])
         assert router.poll(30_000)
         done = link.recv()[1]

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, NamedTuple
 import msgpack
 import zmq
 
-VERSION = 2
+VERSION = 3
 MAX_FRAME_BYTES = 64 << 20
 
 
@@ -71,6 +71,28 @@ class Sample(NamedTuple):
     top_k: int           # 0: all
     seed: int            # -1: the engine's generator
     output_index: int    # which output token it draws: a seeded draw depends on it
+    min_p: float
+    state: int           # the sequence's id when rank 0 keeps a SequenceSetup for it, else -1
+
+
+class SequenceSetup(NamedTuple):
+    """What rank 0 keeps for a sequence whose sampling needs more than a Sample: penalties,
+    logit bias, min_tokens, logprobs, a grammar. Sent with the step that starts (or, after a
+    preemption, restarts) the sequence; `output` holds the tokens it already produced, from
+    which the counts and the grammar's state are rebuilt. Step.setups carries plain lists."""
+    seq_id: int
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    min_tokens: int
+    bias_ids: list        # logit_bias, as two lists
+    bias_values: list
+    stop_ids: list        # what min_tokens holds back: EOS and the stop tokens
+    logprobs: int         # top alternatives per output token; -1: none
+    prompt_logprobs: int  # the same for the prompt's tokens; -1: none
+    grammar: list         # [kind, text] (see SamplingParams.grammar), or []
+    prompt: bytes         # int32 token ids: the prompt (for repetition and prompt logprobs)
+    output: bytes         # int32 token ids produced so far
 
 
 @dataclass
@@ -81,7 +103,10 @@ class Step(Message):
     the previous step is still sampling travels as -1 - k, "the last token of sample k of the
     previous step", which every rank fills in from the tokens rank 0 shares after each step.
     `decode_steps`, when not empty, makes this a run of decode steps (see model/decode_run):
-    every sequence decodes and is sampled, and sequence i runs decode_steps[i] steps."""
+    every sequence decodes and is sampled, and sequence i runs decode_steps[i] steps.
+    `setups` are SequenceSetups rank 0 takes before the step, after dropping the states of
+    the sequence ids in `releases` (finished ones). `logit_rows` names the sequences (by
+    index) whose every new token gets logits: their prompt logprobs."""
     tag: ClassVar[int] = 3
     step_id: int
     starts: list
@@ -90,6 +115,9 @@ class Step(Message):
     block_tables: list
     samples: list
     decode_steps: list
+    setups: list = dataclasses.field(default_factory=list)
+    releases: list = dataclasses.field(default_factory=list)
+    logit_rows: list = dataclasses.field(default_factory=list)
 
     def named_samples(self) -> list[Sample]:
         """`samples` by name; a ValueError for one of the wrong shape."""
@@ -97,19 +125,34 @@ class Step(Message):
             return [Sample(*s) for s in self.samples]
         except TypeError:
             raise ValueError("step: a sample is not [index, temperature, top_p, top_k, seed, "
-                             "output index]") from None
+                             "output index, min_p, state]") from None
+
+    def named_setups(self) -> list[SequenceSetup]:
+        try:
+            return [SequenceSetup(*s) for s in self.setups]
+        except TypeError:
+            raise ValueError("step: a setup has the wrong number of fields") from None
+
+
+# a token's logprobs: [its logprob, [top ids], [their logprobs]]
+TokenLogprobs = list
 
 
 @dataclass
 class StepDone(Message):
     """Rank 0's sampled tokens: each sampled sequence's, in sample order (in a run of decode
     steps, sequence i's decode_steps[i] tokens together); and the steps it ran and the seconds
-    they spent in the model (forward, LM head, sampling), for metrics and benchmarks."""
+    they spent in the model (forward, LM head, sampling), for metrics and benchmarks.
+    `logprobs` is empty, or one TokenLogprobs (None for a sequence that asked none) for each
+    token of `token_ids`; `prompt_logprobs` lists [sequence index, first position, [one
+    TokenLogprobs per position]] for the step's logit_rows."""
     tag: ClassVar[int] = 4
     step_id: int
     token_ids: list
     steps: int
     model_seconds: float
+    logprobs: list = dataclasses.field(default_factory=list)
+    prompt_logprobs: list = dataclasses.field(default_factory=list)
 
 
 @dataclass

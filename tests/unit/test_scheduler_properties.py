@@ -259,7 +259,9 @@ class FakeWorkers:
 
     check = ModelRunner.check
     _check_run = ModelRunner._check_run
+    _check_states = ModelRunner._check_states
     _token_ids = ModelRunner._token_ids
+    sampling = None  # no rank-0 states: the workloads sample plainly
 
     def __init__(self, w: Workload, requests: dict[int, Request]):
         self.config = SimpleNamespace(max_model_len=w.max_model_len, block_size=w.block_size)
@@ -267,6 +269,7 @@ class FakeWorkers:
         self.max_model_len = w.max_model_len
         self.requests = requests
         self.last_sampled: list[int] = []
+        self.state_ids: set[int] = set()
         self.cache: dict[tuple[int, int], tuple[int, int, int]] = {}  # (block, slot) -> what
         self.computed: dict[int, int] = {}  # a sequence's positions computed since admitted
         self.chunks: dict[int, list[tuple[int, int]]] = {}  # its (start, tokens), step by step
@@ -347,7 +350,7 @@ class Sim:
         loop.scheduler = self.scheduler
         loop.stream_back = SimpleNamespace(queue=SimpleNamespace(put=self._stream))
         loop.max_model_len = w.max_model_len
-        loop.seqs = {}
+        loop.seqs, loop._releases = {}, []
         loop.steps, loop.model_seconds = 0, 0.0
         loop._inbox, loop._stopping, loop._step_ids = deque(), False, itertools.count()
         loop._await = self._await
@@ -399,7 +402,7 @@ class Sim:
                                       for s, k in sampled if s is seq)
 
     def _stream(self, outputs) -> None:
-        for seq_id, new, reason in outputs:
+        for seq_id, new, reason, *_ in outputs:
             assert not self.reasons[seq_id], "output after the end"
             self.tokens[seq_id] += new
             if reason is not None:
@@ -616,5 +619,5 @@ def test_a_preempted_sequence_waits_for_its_token_in_flight():
     s.running.remove(seq)  # as _make_room preempts it
     s._preempt(seq)
     assert s.schedule()[0] == []  # its token is still in flight: it waits
-    loop._apply(sampled, [7])
+    loop._apply(sampled, [7], [])
     assert s.schedule()[0] == [(seq, 4)]  # then all 4 tokens are recomputed

@@ -47,7 +47,8 @@ def engine_step(engine, prompts: list[list[int]], t1: int,
     loop = engine.core.loop
     run = engine.config.decode_steps  # a batch ends at least every `run` tokens
     params = SamplingParams(max_tokens=max(t2, t1 + run) + run, temperature=0, ignore_eos=True)
-    states = engine.core.submit_many([(p, params, None) for p in prompts])  # as generate()
+    states = [samples[0] for samples in  # as generate()
+              engine.core.submit_many([(p, params, None) for p in prompts])]
     arrivals = []  # (index of a batch's last token, arrival time, steps run, model seconds)
     received = 0
     while True:
@@ -87,7 +88,7 @@ class Bare:
         import torch
 
         from tp_engine.model.attention import AttentionMetadata
-        from tp_engine.model.sampler import argmax
+        from tp_engine.sampling.sampler import argmax
         from tp_engine.worker.model_runner import zeros_in_huge_pages
 
         model, bs = self.model, self.block_size

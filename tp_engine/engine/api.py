@@ -19,7 +19,7 @@ from tqdm import tqdm
 from tp_engine.config import EngineConfig
 from tp_engine.engine.core import EngineCore
 from tp_engine.engine.openai import Chat, Completions, Run, run, run_async
-from tp_engine.engine.request import AsyncSink, RequestOutput, RequestState
+from tp_engine.engine.request import AsyncSink, RequestOutput, RequestState, merge_samples
 from tp_engine.engine.resources import track
 from tp_engine.engine.sampling_params import SamplingParams
 from tp_engine.errors import ConfigError, EngineError, InvalidRequestError
@@ -106,20 +106,22 @@ class Engine(EngineFront):
             params = [sampling_params or SamplingParams()] * len(prompts)
         core = self._core
         inputs = [prompt_input(core, p) for p in prompts]
-        states: list[RequestState] = core.submit_many(
+        requests: list[list[RequestState]] = core.submit_many(
             [(ids, p, text) for (text, ids), p in zip(inputs, params)])
         try:
-            bar = tqdm(total=len(states), desc="generate", disable=not use_tqdm)
+            bar = tqdm(total=len(requests), desc="generate", disable=not use_tqdm)
             outputs = []
-            for state in states:
-                outputs.append(state.result())
+            for samples, p in zip(requests, params):
+                results = [state.result() for state in samples]
+                outputs.append(results[0] if len(results) == 1 else merge_samples(results, p))
                 bar.update(1)
             bar.close()
             return outputs
         finally:
-            for state in states:
-                if not state.finished:
-                    core.abort(state)
+            for samples in requests:
+                for state in samples:
+                    if not state.finished:
+                        core.abort(state)
 
 
 class AsyncEngine(EngineFront):
@@ -127,21 +129,27 @@ class AsyncEngine(EngineFront):
 
     async def generate(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output as it grows (vLLM's AsyncLLM.generate)."""
+        """Yield the request's output as it grows (vLLM's AsyncLLM.generate); with n > 1,
+        each time with every sample in `.outputs`."""
         text, ids = prompt_input(self._core, prompt)
-        state = self._core.submit(ids, sampling_params or SamplingParams(),
-                                  AsyncSink(asyncio.get_running_loop()), text, request_id)
+        params = sampling_params or SamplingParams()
+        sink = AsyncSink(asyncio.get_running_loop())
+        states = self._core.submit_samples(ids, params, sink, text, request_id)
         try:
             while True:
-                delta = await state.aget()
-                if delta.error is not None:
-                    raise delta.error
-                yield state.output
-                if delta.finish_reason is not None:
+                await sink.wait()
+                deltas = [state.take() for state in states]
+                for delta in deltas:
+                    if delta.error is not None:
+                        raise delta.error
+                outputs = [state.output for state in states]
+                yield outputs[0] if len(states) == 1 else merge_samples(outputs, params)
+                if all(state.output.finished for state in states):
                     return
         finally:
-            if not state.finished:
-                self._core.abort(state)
+            for state in states:
+                if not state.finished:
+                    self._core.abort(state)
 
 
 def prompt_input(core: EngineCore, prompt: Prompt) -> tuple[str | None, list[int]]:

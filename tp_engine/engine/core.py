@@ -27,6 +27,7 @@ from tp_engine.engine.tokenizer import Tokenizer
 from tp_engine.engine.torchrun_group import TorchrunGroup
 from tp_engine.engine.worker_group import WorkerGroup
 from tp_engine.errors import EngineError, EngineTerminatedError, InvalidRequestError
+from tp_engine.sampling.grammar import check_grammar
 
 log = logging.getLogger("tp_engine.engine")
 
@@ -120,36 +121,67 @@ class EngineCore:
             raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens, more than the "
                                       f"KV cache holds ({self.blocks.num_blocks} blocks)")
 
+    def check_params(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot check alone: token ids against the vocabulary, and the
+        grammar, which the grammar library compiles (so that rank 0 never meets a bad one)."""
+        params.validate()
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias or {}),
+                          ("stop_token_ids", params.stop_token_ids)):
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"{name}: token ids must be in 0..{vocab - 1}")
+        if params.grammar is not None:
+            check_grammar(*params.grammar)
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink=None,
                prompt: str | None = None, request_id: str | None = None) -> RequestState:
-        """Queue one request. Raises at once (nothing queued) when it cannot be served."""
-        state, seq = self._request(prompt_ids, params, sink, prompt, request_id)
-        self._queue([(state, seq)])
-        return state
+        """Queue a request of one sample. Raises at once (nothing queued) when it cannot be
+        served."""
+        if params.samples > 1:
+            raise InvalidRequestError("a request of several samples (n, best_of) goes through "
+                                      "submit_samples")
+        return self.submit_samples(prompt_ids, params, sink, prompt, request_id)[0]
 
-    def submit_many(self, requests: list[tuple[list[int], SamplingParams, str | None]],
-                    ) -> list[RequestState]:
-        """Queue (prompt ids, params, prompt text) requests together, so the request loop
-        admits them in one step: submitted one by one, the first would start alone, a step
-        ahead of the rest, and the batch would decode at two lengths (two attention groups).
-        Raises at once (nothing queued) when one cannot be served."""
-        made = [self._request(ids, params, None, prompt) for ids, params, prompt in requests]
+    def submit_samples(self, prompt_ids: list[int], params: SamplingParams, sink=None,
+                       prompt: str | None = None, request_id: str | None = None,
+                       ) -> list[RequestState]:
+        """Queue one request's samples (n, or best_of) together, one sink waking for all."""
+        made = self._request(prompt_ids, params, sink or SyncSink(), prompt, request_id)
         self._queue(made)
         return [state for state, _ in made]
 
+    def submit_many(self, requests: list[tuple[list[int], SamplingParams, str | None]],
+                    ) -> list[list[RequestState]]:
+        """Queue (prompt ids, params, prompt text) requests together, so the request loop
+        admits them in one step: submitted one by one, the first would start alone, a step
+        ahead of the rest, and the batch would decode at two lengths (two attention groups).
+        Returns each request's samples. Raises at once (nothing queued) when one cannot be
+        served."""
+        made = [self._request(ids, params, None, prompt) for ids, params, prompt in requests]
+        self._queue([pair for pairs in made for pair in pairs])
+        return [[state for state, _ in pairs] for pairs in made]
+
     def _request(self, prompt_ids: list[int], params: SamplingParams, sink,
                  prompt: str | None, request_id: str | None = None,
-                 ) -> tuple[RequestState, Sequence]:
-        params.validate()
+                 ) -> list[tuple[RequestState, Sequence]]:
+        self.check_params(params)
         self.check_prompt(prompt_ids)
-        seq_id = next(self._seq_ids)
-        max_tokens = params.max_tokens or self.config.max_model_len - len(prompt_ids)
-        state = RequestState(seq_id, request_id or str(seq_id), prompt, list(prompt_ids),
-                             params, self.tokenizer, sink or SyncSink())
+        if params.max_tokens is None:  # up to the context
+            max_tokens = self.config.max_model_len - len(prompt_ids)
+        else:  # 0 (echo only): one token is drawn, for the logits, and not shown
+            max_tokens = max(1, params.max_tokens)
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
                                                      else self.eos_token_ids)
-        return state, Sequence(seq_id, list(prompt_ids), len(prompt_ids), params, max_tokens,
-                               stops)
+        made = []
+        for index in range(params.samples):
+            sample = params.for_sample(index) if params.samples > 1 else params
+            seq_id = next(self._seq_ids)
+            state = RequestState(seq_id, request_id or str(seq_id), prompt, list(prompt_ids),
+                                 sample, self.tokenizer, sink or SyncSink())
+            seq = Sequence(seq_id, list(prompt_ids), len(prompt_ids), sample, max_tokens, stops,
+                           rank0_state=sample.needs_rank0_state())
+            made.append((state, seq))
+        return made
 
     def _queue(self, requests: list[tuple[RequestState, Sequence]]) -> None:
         with self._lock:  # terminate() flips the state under this lock: nothing slips past

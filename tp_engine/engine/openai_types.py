@@ -19,6 +19,7 @@ class Usage:
 class ChatMessage:
     content: str | None
     role: str = "assistant"
+    tool_calls: list[dict] | None = None
 
 
 @dataclass
@@ -26,12 +27,14 @@ class ChatChoice:
     index: int
     message: ChatMessage
     finish_reason: str | None
+    logprobs: dict | None = None  # {"content": [{token, logprob, bytes, top_logprobs}]}
 
 
 @dataclass
 class ChoiceDelta:
     content: str | None = None
     role: str | None = None
+    tool_calls: list[dict] | None = None
 
 
 @dataclass
@@ -39,6 +42,7 @@ class ChatChunkChoice:
     index: int
     delta: ChoiceDelta
     finish_reason: str | None = None
+    logprobs: dict | None = None
 
 
 @dataclass
@@ -46,7 +50,7 @@ class CompletionChoice:
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict | None = None  # {tokens, token_logprobs, top_logprobs, text_offset}
 
 
 @dataclass

@@ -18,6 +18,25 @@ from tp_engine.engine.detokenizer import IncrementalDetokenizer
 from tp_engine.engine.sampling_params import SamplingParams
 from tp_engine.engine.tokenizer import Tokenizer
 
+# a token's logprobs, vLLM's shape: {token id: logprob}, the chosen token first
+TokenLogprobs = dict[int, float]
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of a request."""
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[TokenLogprobs] | None = None
+    cumulative_logprob: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.logprobs is not None and self.cumulative_logprob is None:
+            self.cumulative_logprob = sum(lps[t] for t, lps in zip(self.token_ids,
+                                                                    self.logprobs))
+
 
 @dataclass
 class RequestOutput:
@@ -27,10 +46,45 @@ class RequestOutput:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop", "length" or "abort"
+    logprobs: list[TokenLogprobs] | None = None          # one per output token, when asked
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # None for the first token
+    samples: list[CompletionOutput] = field(default_factory=list)  # when n > 1
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """Every sample (one when n == 1); the fields above are the first's."""
+        return self.samples or [CompletionOutput(0, self.text, self.token_ids,
+                                                 self.finish_reason, self.logprobs)]
+
+
+def merge_samples(outputs: list[RequestOutput], params: SamplingParams) -> RequestOutput:
+    """One request's samples as one output: with best_of, the n of highest cumulative logprob,
+    best first (their logprobs dropped unless asked for); the top-level fields are the
+    first sample's."""
+    first = outputs[0]
+    samples = [CompletionOutput(i, o.text, o.token_ids, o.finish_reason, o.logprobs)
+               for i, o in enumerate(outputs)]
+    if params.best_of is not None and params.best_of > params.n:
+        samples.sort(key=lambda c: c.cumulative_logprob or 0.0, reverse=True)
+        samples = samples[:params.n]
+        for index, sample in enumerate(samples):
+            sample.index = index
+            if params.logprobs is None:
+                sample.logprobs = None
+    best = samples[0]
+    return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, best.text,
+                         best.token_ids, best.finish_reason, best.logprobs,
+                         first.prompt_logprobs, samples)
+
+
+def token_dicts(tokens: list[int], entries: list) -> list[TokenLogprobs]:
+    """The worker's [chosen logprob, top ids, their logprobs] per token as vLLM's dicts."""
+    return [{token: chosen, **dict(zip(ids, lps))}
+            for token, (chosen, ids, lps) in zip(tokens, entries)]
 
 
 @dataclass
@@ -39,6 +93,7 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None = None
     error: BaseException | None = None
+    logprobs: list[TokenLogprobs] | None = None  # the new tokens', when asked for
 
 
 class SyncSink:
@@ -91,18 +146,34 @@ class RequestState:
         self._woken = False
         self._held = ""  # text that may be the start of a stop string
         self._hold = max((len(s) for s in params.stop), default=1) - 1
+        self._logprobs: list = []  # received with _ids, not yet read
+        self._prompt_logprobs: list = []
+        self._discard = params.max_tokens == 0  # echo only: the one token drawn is not shown
+        if params.logprobs is not None:
+            self.output.logprobs = []
+        if params.prompt_logprobs is not None:
+            self.output.prompt_logprobs = [None]
 
     @property
     def finished(self) -> bool:
         """No more tokens will come (the consumer may not have read the end yet)."""
         return self._finish is not None
 
-    def on_tokens(self, token_ids: list[int], finish_reason: str | None) -> bool:
-        """Take new tokens; return True when a stop string ended the request here (the
-        caller then aborts its sequence)."""
+    def on_tokens(self, token_ids: list[int], finish_reason: str | None,
+                  logprobs: list | None = None, prompt_logprobs: list | None = None) -> bool:
+        """Take new tokens (and their logprobs, the worker's entries); return True when a
+        stop string ended the request here (the caller then aborts its sequence)."""
         with self._lock:
             if self._finish is not None:
                 return False
+            if prompt_logprobs and self.output.prompt_logprobs is not None:
+                made = len(self.output.prompt_logprobs) + len(self._prompt_logprobs)
+                ids = self.output.prompt_token_ids[made:made + len(prompt_logprobs)]
+                self._prompt_logprobs.extend(token_dicts(ids, prompt_logprobs))
+            if self._discard:
+                token_ids = []
+            if logprobs and self.output.logprobs is not None:
+                self._logprobs.extend(token_dicts(token_ids, logprobs))
             self._ids.extend(token_ids)
             stopped = False
             if self.params.stop:
@@ -154,33 +225,36 @@ class RequestState:
     def get(self) -> Delta:
         """Wait for news (a SyncSink's request)."""
         self.sink.wait()
-        return self._take()
+        return self.take()
 
     async def aget(self) -> Delta:
         """Wait for news (an AsyncSink's request)."""
         await self.sink.wait()
-        return self._take()
+        return self.take()
 
     def result(self) -> RequestOutput:
-        """Wait for the end (a SyncSink's request); raises the request's error."""
-        while True:
-            delta = self.get()
-            if delta.error is not None:
-                raise delta.error
-            if delta.finish_reason is not None:
-                return self.output
+        """Wait for the end (a SyncSink's request); raises the request's error. What is
+        already there is read before waiting: the samples of a request share a sink, and
+        another's read may have taken this one's wake-up."""
+        while not self._ended(self.take()):
+            self.sink.wait()
+        return self.output
 
     async def aresult(self) -> RequestOutput:
         """Wait for the end (an AsyncSink's request); raises the request's error."""
-        while True:
-            delta = await self.aget()
-            if delta.error is not None:
-                raise delta.error
-            if delta.finish_reason is not None:
-                return self.output
+        while not self._ended(self.take()):
+            await self.sink.wait()
+        return self.output
 
-    def _take(self) -> Delta:
-        """The news since the last read, as one delta; the output grows by it."""
+    @staticmethod
+    def _ended(delta: Delta) -> bool:
+        if delta.error is not None:
+            raise delta.error
+        return delta.finish_reason is not None
+
+    def take(self) -> Delta:
+        """The news since the last read, as one delta (empty when there is none); the
+        output grows by it."""
         with self._lock:
             self._woken = False
             ids, self._ids = self._ids, []
@@ -197,7 +271,13 @@ class RequestState:
                 out.token_ids.extend(ids)
                 out.text += text
                 out.finish_reason = self._finish
-            return Delta(text, ids, self._finish, self._error)
+                if self._logprobs:
+                    out.logprobs.extend(self._logprobs)
+                if self._prompt_logprobs:
+                    out.prompt_logprobs.extend(self._prompt_logprobs)
+            logprobs = self._logprobs if out.logprobs is not None else None
+            self._logprobs, self._prompt_logprobs = [], []
+            return Delta(text, ids, self._finish, self._error, logprobs)
 
 
 class Registry:

@@ -18,8 +18,8 @@ from multiprocessing.connection import wait as wait_any
 import zmq
 
 from tp_engine import wire
-from tp_engine.engine.scheduler import Scheduler, Sequence
-from tp_engine.engine.stream_back import Failure, StepOutputs, StreamBack
+from tp_engine.engine.scheduler import Scheduler, Sequence, sequence_setup
+from tp_engine.engine.stream_back import Failure, SeqOutput, StepOutputs, StreamBack
 from tp_engine.engine.waker import Waker
 from tp_engine.engine.worker_group import WorkerGroup
 from tp_engine.errors import EngineError, EngineTerminatedError, WorkerDiedError
@@ -44,6 +44,7 @@ class RequestLoop:
         self.steps = 0              # steps the workers ran (a run of decode steps counts each)
         self.model_seconds = 0.0    # and rank 0's time in the model for them
         self._inbox: deque = deque()
+        self._releases: list[int] = []  # finished sequences whose rank-0 state can go
         self._stopping = False
         self._waker = Waker()
         self._step_ids = itertools.count()
@@ -107,8 +108,9 @@ class RequestLoop:
         next step's tokens that the running step samples travel as placeholders the workers
         fill in. The price: a sequence that stops (EOS, stop token) computes the tokens of the
         step (or run of decode steps) already queued behind, which are dropped."""
-        # (step id, [(sampled sequence, tokens it samples)], whether it only decodes)
-        in_flight: deque[tuple[int, list[tuple[Sequence, int]], bool]] = deque()
+        # (step id, [(sampled sequence, tokens it samples)], whether it only decodes, the
+        # step's sequences)
+        in_flight: deque[tuple[int, list[tuple[Sequence, int]], bool, list[Sequence]]] = deque()
         while True:
             self._take_inbox()
             while len(in_flight) < 2:
@@ -116,23 +118,25 @@ class RequestLoop:
                 if too_long:
                     for seq in too_long:
                         self._forget(seq)
-                    self.stream_back.queue.put([(s.seq_id, [], "length") for s in too_long])
+                    self.stream_back.queue.put([SeqOutput(s.seq_id, [], "length")
+                                                for s in too_long])
                 if not batch:
                     break
                 decodes = all(n == 1 for _, n in batch)
                 step, sampled = self._build_step(batch, decode_steps)
                 self.group.broadcast(step)
-                in_flight.append((step.step_id, sampled, decodes))
+                in_flight.append((step.step_id, sampled, decodes, [seq for seq, _ in batch]))
             if not in_flight:
                 self._await(None)  # idle: sleep until a request, an abort or a death
                 continue
-            step_id, sampled, decodes = in_flight.popleft()
+            step_id, sampled, decodes, seqs = in_flight.popleft()
             done = self._await(step_id)
             self.steps += done.steps
             self.model_seconds += done.model_seconds
             if decodes:  # what sizes the runs of decode steps
                 self.scheduler.observe_decode(done.model_seconds / done.steps)
-            outputs = self._apply(sampled, done.token_ids)
+            outputs = self._prompt_logprobs(seqs, done.prompt_logprobs)
+            outputs += self._apply(sampled, done.token_ids, done.logprobs)
             if outputs:
                 self.stream_back.queue.put(outputs)
 
@@ -150,6 +154,8 @@ class RequestLoop:
     def _forget(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         self.seqs.pop(seq.seq_id, None)
+        if seq.rank0_state:
+            self._releases.append(seq.seq_id)
 
     def _build_step(self, batch: list[tuple[Sequence, int]], decode_steps: list[int],
                     ) -> tuple[wire.Step, list[tuple[Sequence, int]]]:
@@ -158,6 +164,7 @@ class RequestLoop:
         decode steps). A token still being sampled by the step in flight goes as the
         placeholder -1 - i: "the last token of sample i of the previous step"."""
         starts, lens, tables, samples, sampled = [], [], [], [], []
+        setups, logit_rows = [], []
         tokens = array("i")
         steps = decode_steps or itertools.repeat(1)
         for index, ((seq, n), k) in enumerate(zip(batch, steps)):
@@ -170,16 +177,26 @@ class RequestLoop:
             if start + n > known:  # the pending token (at most one) ends this chunk
                 tokens.append(-1 - seq.pending_index)
             seq.num_computed = start + n + k - 1
+            if seq.rank0_state:
+                if start == 0:  # (re)started: rank 0 builds its state from the output so far
+                    setups.append(sequence_setup(seq))
+                if (seq.params.prompt_logprobs is not None  # and not made yet
+                        and seq.prompt_logprobs_to <= start < seq.prompt_len - 1):
+                    logit_rows.append([index, seq.seq_id])
+                    seq.prompt_logprobs_to = start + n
             if start + n == known + seq.pending:  # all computed: sample the next token(s)
                 p = seq.params
                 seq.pending_index = len(samples)
                 samples.append(wire.Sample(index, float(p.temperature), float(p.top_p),
                                            p.top_k, -1 if p.seed is None else p.seed,
-                                           known + seq.pending - seq.prompt_len))
+                                           known + seq.pending - seq.prompt_len,
+                                           float(p.min_p),
+                                           seq.seq_id if seq.rank0_state else -1))
                 seq.pending += k
                 sampled.append((seq, k))
+        releases, self._releases = self._releases, []
         step = wire.Step(next(self._step_ids), starts, lens, tokens.tobytes(), tables, samples,
-                         decode_steps)
+                         decode_steps, setups, releases, logit_rows)
         return step, sampled
 
     def _await(self, step_id: int | None) -> wire.StepDone | None:
@@ -211,7 +228,8 @@ class RequestLoop:
             return WorkerDiedError(*dead[0])
         return EngineError(f"worker rank {msg.rank} failed step {msg.step_id}: {msg.error}")
 
-    def _apply(self, sampled: list[tuple[Sequence, int]], tokens: list[int]) -> StepOutputs:
+    def _apply(self, sampled: list[tuple[Sequence, int]], tokens: list[int],
+               logprobs: list) -> StepOutputs:
         outputs: StepOutputs = []
         offset = 0
         for seq, k in sampled:
@@ -230,5 +248,11 @@ class RequestLoop:
                 reason = "length"
             if reason is not None:
                 self._forget(seq)
-            outputs.append((seq.seq_id, new, reason))
+            lps = logprobs[offset - k:offset - k + len(new)] if logprobs else None
+            outputs.append(SeqOutput(seq.seq_id, new, reason, lps))
         return outputs
+
+    def _prompt_logprobs(self, seqs: list[Sequence], made: list) -> StepOutputs:
+        """The prompt logprobs a step made, for the sequences still there."""
+        return [SeqOutput(seqs[index].seq_id, [], None, prompt_logprobs=entries)
+                for index, _, entries in made if self.seqs.get(seqs[index].seq_id)]

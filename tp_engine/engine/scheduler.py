@@ -22,9 +22,11 @@ counts what the steps sent so far will have computed."""
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from dataclasses import dataclass, field
 
+from tp_engine import wire
 from tp_engine.engine.block_manager import BlockManager
 from tp_engine.engine.sampling_params import SamplingParams
 
@@ -41,6 +43,8 @@ class Sequence:
     num_computed: int = 0
     pending: int = 0        # tokens the steps in flight sample for it, not yet received
     pending_index: int = 0  # its sample's index in the last step sent (the worker's reference)
+    rank0_state: bool = False   # rank 0 keeps a state for it (penalties, logprobs, grammar)
+    prompt_logprobs_to: int = 0  # the positions whose prompt logprobs were asked for
 
     @property
     def num_output(self) -> int:
@@ -58,6 +62,22 @@ class Sequence:
     def exhausted(self, max_model_len: int) -> bool:
         """The pending tokens are its last: nothing more to compute for it."""
         return self.pending > 0 and self.room(max_model_len) <= 0
+
+
+def sequence_setup(seq: Sequence) -> wire.SequenceSetup:
+    """What rank 0 keeps for `seq`, from its parameters and its tokens so far."""
+    p = seq.params
+    bias = p.logit_bias or {}
+    grammar = p.grammar
+    return wire.SequenceSetup(
+        seq.seq_id, float(p.presence_penalty), float(p.frequency_penalty),
+        float(p.repetition_penalty), p.min_tokens, list(bias), [float(v) for v in bias.values()],
+        sorted(seq.stops) if p.min_tokens else [],
+        -1 if p.logprobs is None else p.logprobs,
+        -1 if p.prompt_logprobs is None else p.prompt_logprobs,
+        list(grammar) if grammar else [],
+        array("i", seq.token_ids[:seq.prompt_len]).tobytes(),
+        array("i", seq.token_ids[seq.prompt_len:]).tobytes())
 
 
 class Scheduler:

@@ -8,13 +8,23 @@ import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from tp_engine.engine.request import Registry
 
 log = logging.getLogger("tp_engine.stream_back")
 
-# one step's news: (sequence id, new token ids, finish reason or None) for each sequence
-StepOutputs = list[tuple[int, list[int], str | None]]
+
+class SeqOutput(NamedTuple):
+    """A step's news for one sequence."""
+    seq_id: int
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list | None = None         # a wire.TokenLogprobs per token, when asked for
+    prompt_logprobs: list | None = None  # the same for prompt tokens, as they are made
+
+
+StepOutputs = list[SeqOutput]
 
 
 @dataclass
@@ -51,15 +61,16 @@ class StreamBack:
                 log.exception("stream-back failed on an item")
 
     def _route(self, outputs: StepOutputs) -> None:
-        for seq_id, token_ids, finish_reason in outputs:
-            state = self.registry.get(seq_id)
+        for out in outputs:
+            state = self.registry.get(out.seq_id)
             if state is None:
                 continue  # aborted while its last tokens were on the way
-            stopped = state.on_tokens(token_ids, finish_reason)
+            stopped = state.on_tokens(out.token_ids, out.finish_reason, out.logprobs,
+                                      out.prompt_logprobs)
             if state.finished:
-                self.registry.remove(seq_id)
+                self.registry.remove(out.seq_id)
             if stopped:
-                self.abort(seq_id)
+                self.abort(out.seq_id)
 
     def stop(self) -> None:
         self.queue.put(STOP)

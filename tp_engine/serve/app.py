@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from tp_engine.serve.errors import error_body, install_handlers
-from tp_engine.serve.jobs import new_jobs, results
+from tp_engine.serve.jobs import new_job
 from tp_engine.serve.metrics import CONTENT_TYPE
 from tp_engine.serve.protocol import ChatCompletionRequest, CompletionRequest
 from tp_engine.serve.responses import ClientGone, SSEResponse, sse_events, unless_disconnected
@@ -23,11 +23,11 @@ def create_app(server: ServerState) -> FastAPI:
 
     async def generate(body: ChatCompletionRequest | CompletionRequest,
                        raw: Request) -> Response:
-        jobs = await new_jobs(server, body, time.perf_counter())  # raises what the client sees
+        job = await new_job(server, body, time.perf_counter())  # raises what the client sees
         if body.stream:
-            return SSEResponse(sse_events(jobs[0]))
+            return SSEResponse(sse_events(job))
         try:
-            return JSONResponse(await unless_disconnected(results(jobs), raw.receive))
+            return JSONResponse(await unless_disconnected(job.result(), raw.receive))
         except ClientGone:  # the request is aborted already; the status goes nowhere
             return Response(status_code=499)
 

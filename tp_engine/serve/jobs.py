@@ -1,6 +1,7 @@
 """One HTTP request's life in the engine: checked, submitted, streamed, measured, and always
 closed. Streamed and whole responses both read the engine's chunk stream, so timing, token
-counts, client disconnects and shutdown aborts work the same for both."""
+counts, client disconnects and shutdown aborts work the same for both. A request's prompts
+(a completions request may carry several) and their samples (n, best_of) are one job."""
 
 from __future__ import annotations
 
@@ -11,48 +12,57 @@ from contextlib import contextmanager
 from typing import Any
 
 from tp_engine.engine.openai import (
-    ChunkStream,
     PreparedRequest,
+    check_stream,
+    outputs,
     prepare_chat,
     prepare_completion,
+    response,
     sampling_params,
+    submit,
 )
+from tp_engine.engine.openai_stream import ChunkStream
 from tp_engine.engine.request import AsyncSink
-from tp_engine.engine.sampling_params import SamplingParams
 from tp_engine.serve.errors import APIError, from_exception, unavailable
 from tp_engine.serve.protocol import ChatCompletionRequest, CompletionRequest
 from tp_engine.serve.state import ServerState
 
 
-def prepare(core, body: ChatCompletionRequest | CompletionRequest, params: SamplingParams,
-            index: int, request_id: str | None) -> PreparedRequest:
-    """The chat template and the tokenizer: seconds for a body of megabytes, so new_jobs runs
+def prepare(core, body: ChatCompletionRequest | CompletionRequest, params,
+            ) -> list[PreparedRequest]:
+    """The chat template and the tokenizer: seconds for a body of megabytes, so new_job runs
     this in a thread, and /health and the other streams go on meanwhile."""
+    extra = body.extra_args()
     if isinstance(body, ChatCompletionRequest):
-        return prepare_chat(core, body.template_messages(), body.model, params)
-    return prepare_completion(core, body.prompts()[index], body.model, params, index,
-                              request_id)
+        return [prepare_chat(core, body.template_messages(), body.model, params, extra)]
+    requests: list[PreparedRequest] = []
+    for index, prompt in enumerate(body.prompts()):
+        requests.append(prepare_completion(core, prompt, body.model, params, index,
+                                           requests[0].request_id if requests else None,
+                                           extra))
+    return requests
 
 
 class Job:
     def __init__(self, server: ServerState, endpoint: str, body: Any, arrived: float,
-                 core, request: PreparedRequest):
+                 core, requests: list[PreparedRequest]):
         self.server, self.endpoint, self.arrived = server, endpoint, arrived
-        self.core = core
+        self.core, self.requests = core, requests
         with rejected(server, body):
-            self._check_context(request)
-            # submitted here rather than by the engine's create(), to check the context first
-            self.state = core.submit(request.prompt_ids, request.params,
-                                     AsyncSink(asyncio.get_running_loop()), request.prompt,
-                                     request.request_id)
-        self.request = request
-        self.stream = ChunkStream(core, self.state, request, body.include_usage,
+            for request in requests:
+                self._check_context(request)
+            if body.stream:
+                check_stream(requests)
+            sink = AsyncSink(asyncio.get_running_loop())
+            self.samples = submit(core, requests, sink)
+        self.stream = ChunkStream(core, requests, self.samples, sink, body.include_usage,
                                   body.continuous_usage)
+        self.states = self.stream.states
         self.aborted_by_server = False
         self.error: BaseException | None = None
         self._counted, self._first, self._last = 0, 0.0, 0.0
         server.jobs.add(self)
-        server.metrics.prompt_tokens.inc(len(request.prompt_ids))
+        server.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in requests))
 
     def _check_context(self, request: PreparedRequest) -> None:
         """OpenAI refuses a prompt plus max_tokens over the context; the engine alone would
@@ -66,6 +76,9 @@ class Job:
                 f"requested {prompt + wanted} tokens ({prompt} in the {where}, {wanted} in "
                 f"the completion). Please reduce the length of the {where} or completion.",
                 param=where, code="context_length_exceeded")
+
+    def _produced(self) -> int:
+        return sum(len(s.output.token_ids) for s in self.states)
 
     async def chunks(self) -> AsyncIterator[Any]:
         """The engine's chunks, measured on the way. However it ends (done, an error, the
@@ -83,7 +96,7 @@ class Job:
             self.finish()
 
     def _measure(self) -> None:
-        n = len(self.state.output.token_ids)
+        n = self._produced()
         if n > self._counted:
             now = time.perf_counter()
             if self._counted == 0:
@@ -99,7 +112,7 @@ class Job:
         self.server.jobs.discard(self)
         self._measure()
         metrics = self.server.metrics
-        reason = "error" if self.error else self.state.output.finish_reason or "abort"
+        reason = "error" if self.error else self.states[0].output.finish_reason or "abort"
         metrics.requests.labels(self.endpoint, reason).inc()
         if self._counted:
             metrics.e2e.observe(self._last - self.arrived)
@@ -109,17 +122,24 @@ class Job:
     def abort(self) -> None:
         """Shutdown: end the request now. Its consumer still gets a last chunk with
         finish_reason "abort" (unlike close(), which ends the stream silently)."""
-        if not self.state.finished:  # a request that has just finished keeps its output
-            self.aborted_by_server = True
-            self.core.abort(self.state)
+        for state in self.states:
+            if not state.finished:  # a sample that has just finished keeps its output
+                self.aborted_by_server = True
+                self.core.abort(state)
 
     async def result(self) -> dict[str, Any]:
-        """The whole response, as a non-streamed request gets it."""
-        async for _ in self.chunks():
-            pass
+        """The whole response, as a non-streamed request gets it. However it ends, every
+        sample is closed."""
+        try:
+            async for _ in self.chunks():
+                pass
+        finally:
+            self.stream.close()
         if self.aborted_by_server:
             raise unavailable("the server is shutting down: request aborted")
-        return self.request.response(self.state.output).to_dict()
+        results = [[s.output for s in samples] for samples in self.samples]
+        return response(self.core, self.requests, outputs(self.requests, results),
+                        self.states).to_dict()
 
 
 @contextmanager
@@ -133,46 +153,11 @@ def rejected(server: ServerState, body: Any) -> Iterator[None]:
         raise error from e
 
 
-async def new_jobs(server: ServerState, body: ChatCompletionRequest | CompletionRequest,
-                   arrived: float) -> list[Job]:
-    """One job per prompt (a chat has one), sharing the response's id. If one cannot be
-    made, none runs."""
+async def new_job(server: ServerState, body: ChatCompletionRequest | CompletionRequest,
+                  arrived: float) -> Job:
     endpoint = "chat" if isinstance(body, ChatCompletionRequest) else "completions"
-    count = len(body.prompts()) if isinstance(body, CompletionRequest) else 1
-    jobs: list[Job] = []
-    try:
-        with rejected(server, body):
-            if count > 1 and body.stream:
-                raise APIError(400, "several prompts in a streamed request are not supported",
-                               param="prompt")
-            core = server.admit(body.model).core
-            params = sampling_params(**body.sampling_args())
-        request_id = None
-        for index in range(count):
-            with rejected(server, body):
-                request = await asyncio.to_thread(prepare, core, body, params, index,
-                                                  request_id)
-            request_id = request.request_id
-            jobs.append(Job(server, endpoint, body, arrived, core, request))
-    except BaseException:
-        for job in jobs:
-            job.stream.close()  # aborts the request, frees its blocks
-            job.finish()
-        raise
-    return jobs
-
-
-async def results(jobs: list[Job]) -> dict[str, Any]:
-    """The whole response of one or several jobs: their choices in order, their usage summed.
-    However it ends, every job is closed."""
-    try:
-        parts = await asyncio.gather(*(job.result() for job in jobs))
-    finally:
-        for job in jobs:
-            job.stream.close()
-    response = parts[0]
-    if len(parts) > 1:
-        response["choices"] = [choice for part in parts for choice in part["choices"]]
-        response["usage"] = {key: sum(part["usage"][key] for part in parts)
-                             for key in response["usage"]}
-    return response
+    with rejected(server, body):
+        core = server.admit(body.model).core
+        params = sampling_params(**body.sampling_args())
+        requests = await asyncio.to_thread(prepare, core, body, params)
+    return Job(server, endpoint, body, arrived, core, requests)

@@ -8,9 +8,11 @@ the Python API and the server alike."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tp_engine.engine.openai import prompts_of
 
 log = logging.getLogger("tp_engine.serve")
 
@@ -37,7 +39,7 @@ class _Request(_Lenient):
     """What chat and plain completions share (OpenAI's fields, then vLLM's extras)."""
 
     model: str
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # None: up to the context
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
@@ -48,17 +50,24 @@ class _Request(_Lenient):
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    # vLLM's
     top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, value: float | None) -> float | None:
-        # the sampler has no penalties: refuse rather than silently ignore them
-        if value:
-            raise ValueError("is not supported (only 0)")
-        return value
+    # the fields passed on to the engine's create() as its extra arguments
+    EXTRA: ClassVar[tuple[str, ...]] = (
+        "n", "presence_penalty", "frequency_penalty", "logit_bias", "response_format", "top_k",
+        "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
+        "guided_json", "guided_regex", "guided_choice")
 
     @property
     def include_usage(self) -> bool:
@@ -71,15 +80,15 @@ class _Request(_Lenient):
     def effective_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def extra_args(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.EXTRA
+                if getattr(self, name) is not None}
+
     def sampling_args(self) -> dict[str, Any]:
         """Keyword arguments for tp_engine.engine.openai.sampling_params."""
-        extra: dict[str, Any] = {"n": self.n, "ignore_eos": self.ignore_eos}
-        if self.top_k is not None:
-            extra["top_k"] = self.top_k
-        if self.stop_token_ids is not None:
-            extra["stop_token_ids"] = self.stop_token_ids
-        return dict(max_tokens=self.effective_max_tokens(), temperature=self.temperature,
-                    top_p=self.top_p, seed=self.seed, stop=self.stop, extra=extra)
+        return dict(kind="chat" if isinstance(self, ChatCompletionRequest) else "completion",
+                    max_tokens=self.effective_max_tokens(), temperature=self.temperature,
+                    top_p=self.top_p, seed=self.seed, stop=self.stop, extra=self.extra_args())
 
 
 class TextPart(BaseModel):
@@ -88,10 +97,18 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    # extra fields (name, tool_calls...) are kept: the chat template may use them
+    # extra fields (name, tool_call_id...) are kept: the chat template may use them
     model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> Message:
+        # only an assistant's tool calls stand without content
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def to_template(self) -> dict[str, Any]:
         message = self.model_dump(exclude_none=True)
@@ -105,13 +122,12 @@ class ChatCompletionRequest(_Request):
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
-    @field_validator("logprobs", "top_logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: Any) -> Any:
-        if value:
-            raise ValueError("is not supported")
-        return value
+    EXTRA: ClassVar[tuple[str, ...]] = (*_Request.EXTRA, "logprobs", "top_logprobs", "tools",
+                                        "tool_choice")
 
     def effective_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
@@ -128,23 +144,15 @@ class CompletionRequest(_Request):
     suffix: str | None = None
     best_of: int | None = None
 
-    @field_validator("echo", "logprobs", "suffix")
+    EXTRA: ClassVar[tuple[str, ...]] = (*_Request.EXTRA, "echo", "logprobs", "best_of")
+
+    @field_validator("suffix")
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
         if value:
             raise ValueError("is not supported")
         return value
 
-    @field_validator("best_of")
-    @classmethod
-    def _one_best(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("must be 1")
-        return value
-
     def prompts(self) -> list[str | list[int]]:
         """The request's prompts: one, or several (lm-eval batches them), each a choice."""
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0],
-                                                                         (str, list)):
-            return list(self.prompt)
-        return [self.prompt]
+        return prompts_of(self.prompt)

@@ -125,13 +125,16 @@ def _loop(rank: int, link: wire.Link, runner) -> None:
             continue  # the SHUTDOWN is next in the inbox
         except Exception as e:
             log.error("rank %d failed step %d: %s", rank, msg.step_id, e)
+            log.debug("rank %d step %d:\n%s", rank, msg.step_id, traceback.format_exc())
             link.send(wire.StepFailed(rank=rank, step_id=msg.step_id,
                                       error=f"{type(e).__name__}: {e}"))
             continue
         if rank == 0:
             link.send(wire.StepDone(step_id=msg.step_id, token_ids=tokens or [],
                                     steps=max(msg.decode_steps, default=1),
-                                    model_seconds=runner.model_seconds))
+                                    model_seconds=runner.model_seconds,
+                                    logprobs=runner.logprobs,
+                                    prompt_logprobs=runner.prompt_logprobs))
 
 
 def _send_last(link: wire.Link, msg: wire.Message) -> None:

@@ -20,12 +20,13 @@ from tp_engine.model.attention import AttentionMetadata
 from tp_engine.model.decode_run import DecodeRun
 from tp_engine.model.loader import DTYPES, load_model
 from tp_engine.model.parallel import TensorParallel
-from tp_engine.model.sampler import Sampler
-from tp_engine.wire import Sample, Step
+from tp_engine.sampling.rank0 import RankZeroSampling
+from tp_engine.wire import Sample, SequenceSetup, Step
 from tp_engine.worker.distributed import current_device
 from tp_engine.worker.interrupted import Interrupted
 
 STOP_CHECK_S = 0.01  # how often a run of decode steps asks whether SHUTDOWN came
+PROMPT_LOGITS_ROWS = 256  # prompt logprobs: rows of logits made at once (a vocabulary each)
 # a CPU KV cache sized from free memory: this share of it over the ranks, within these bounds
 KV_FREE_SHARE, KV_FLOOR_GB, KV_CAP_GB = 0.25, 0.25, 4.0
 
@@ -89,6 +90,13 @@ def cpu_kv_budget(ranks: int, free: int | None = None) -> int:
     return int(min(max(share, KV_FLOOR_GB * (1 << 30)), KV_CAP_GB * (1 << 30)))
 
 
+def _tokenizer(config: EngineConfig):
+    """The checkpoint's tokenizer, which rank 0 loads only for its first grammar."""
+    from tp_engine.engine.tokenizer import Tokenizer
+
+    return Tokenizer.load(config.model)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, tp: TensorParallel, dtype: str):
         keep_freed_memory()
@@ -109,7 +117,13 @@ class ModelRunner:
         shape = (2, self.kv_heads, slots, attn.head_dim)
         self.caches = [zeros_in_huge_pages(shape, self.dtype, self.device)
                        for _ in range(self.model.config.num_layers)]
-        self.sampler = Sampler(config.seed, self.device) if tp.rank == 0 else None
+        self.sampling = None  # rank 0's: sequence states, sampler, logprobs
+        if tp.rank == 0:
+            self.sampling = RankZeroSampling(config.seed, self.device, self.vocab_size,
+                                             lambda: _tokenizer(config))
+        self.state_ids: set[int] = set()  # the sequences rank 0 keeps a state for (all ranks)
+        self.logprobs: list = []          # the last step's, for StepDone (rank 0)
+        self.prompt_logprobs: list = []
         self.last_sampled: list[int] = []  # the previous step's tokens, on every rank
         self.model_seconds = 0.0  # of the last step or run: forward, LM head, sampling
         self._ends: list[int] = []
@@ -155,6 +169,7 @@ class ModelRunner:
         samples = step.named_samples()
         if any(not 0 <= s.index < n for s in samples):
             raise ValueError("step: a sample names no sequence")
+        setups = self._check_states(step, samples, n)
         if step.decode_steps:
             self._check_run(step, samples)
         # a run of decode steps reaches decode_steps[i] positions past starts[i]
@@ -167,7 +182,41 @@ class ModelRunner:
         used = [t for t in tables if t]
         if used and (min(map(min, used)) < 0 or max(map(max, used)) >= self.num_blocks):
             raise ValueError("step: a block id is out of range")
+        self.state_ids.difference_update(step.releases)
+        self.state_ids.update(s.seq_id for s in setups)
+        if self.sampling is not None:
+            self.sampling.update(step.releases, setups)
         return samples
+
+    def _check_states(self, step: Step, samples: list[Sample], n: int) -> list[SequenceSetup]:
+        """The step's sequence setups, checked as every rank can (so that none starts a step
+        rank 0 would refuse)."""
+        setups = step.named_setups()
+        vocab = self.vocab_size
+        for s in setups:
+            ints = [s.seq_id, s.min_tokens, s.logprobs, s.prompt_logprobs, *s.bias_ids,
+                    *s.stop_ids]
+            if (not all(type(v) is int for v in ints)
+                    or not all(isinstance(v, (int, float)) for v in
+                               (s.presence_penalty, s.frequency_penalty, s.repetition_penalty,
+                                *s.bias_values))
+                    or len(s.bias_ids) != len(s.bias_values)
+                    or not all(0 <= t < vocab for t in (*s.bias_ids, *s.stop_ids))
+                    or not isinstance(s.prompt, bytes) or not isinstance(s.output, bytes)
+                    or len(s.prompt) % 4 or len(s.output) % 4
+                    or any(not 0 <= t < vocab for t in array("i", s.prompt + s.output))
+                    or not (s.grammar == [] or (len(s.grammar) == 2
+                                                and all(isinstance(g, str) for g in s.grammar)))):
+                raise ValueError("step: a sequence setup is malformed")
+        if not all(type(r) is int for r in step.releases):
+            raise ValueError("step: releases must be sequence ids")
+        live = (self.state_ids - set(step.releases)) | {s.seq_id for s in setups}
+        if any(s.state >= 0 and s.state not in live for s in samples):
+            raise ValueError("step: a sample names a sequence state that was not set up")
+        if any(not (isinstance(r, list) and len(r) == 2 and type(r[0]) is int
+                    and 0 <= r[0] < n and r[1] in live) for r in step.logit_rows):
+            raise ValueError("step: logit_rows must be [sequence index, state id] pairs")
+        return setups
 
     def _check_run(self, step: Step, samples: list[Sample]) -> None:
         runs = step.decode_steps
@@ -193,6 +242,9 @@ class ModelRunner:
         ids_t = torch.frombuffer(ids, dtype=torch.int32).to(self.device, torch.long)
         began = time.perf_counter()
         hidden = self.model(ids_t, meta.positions, self.caches, meta)
+        self.logprobs, self.prompt_logprobs = [], []
+        if step.logit_rows:
+            self._prompt_logprobs(step, hidden)
         if not samples:
             self.model_seconds = time.perf_counter() - began
             self.last_sampled = []
@@ -201,10 +253,29 @@ class ModelRunner:
         if rows != list(range(hidden.shape[0])):  # a decode step samples every row: no copy
             hidden = hidden[torch.tensor(rows, device=self.device)]
         logits = self.model.compute_logits(hidden)
-        tokens = self.sampler(logits, samples) if self.sampler is not None else None
+        tokens = None
+        if self.sampling is not None:
+            tokens, entries = self.sampling.sample(logits, samples)
+            self.logprobs = entries or []
         self.model_seconds = time.perf_counter() - began
         self.last_sampled = self._share(tokens, len(samples))[0].tolist()
-        return self.last_sampled if self.sampler is not None else None
+        return self.last_sampled if self.sampling is not None else None
+
+    def _prompt_logprobs(self, step: Step, hidden: torch.Tensor) -> None:
+        """The logits of every new token of the sequences in logit_rows (every rank takes
+        part: the LM head's gather is collective), a few hundred rows at a time; rank 0 keeps
+        the prompt tokens' logprobs."""
+        for index, seq_id in step.logit_rows:
+            end = self._ends[index]
+            begin = end - step.query_lens[index]
+            entries = []
+            for at in range(begin, end, PROMPT_LOGITS_ROWS):
+                logits = self.model.compute_logits(hidden[at:min(end, at + PROMPT_LOGITS_ROWS)])
+                if self.sampling is not None:
+                    position = step.starts[index] + at - begin
+                    entries += self.sampling.prompt_logprobs(seq_id, position, logits)
+            if self.sampling is not None:
+                self.prompt_logprobs.append([index, step.starts[index] + 1, entries])
 
     def _decode_run(self, step: Step, samples: list[Sample], ids: array,
                     stop_asked: Callable[[], bool]) -> list[int] | None:
@@ -214,9 +285,10 @@ class ModelRunner:
                               self.config.block_size, self.window, self.score_heads, self.dtype,
                               self.device)
         tokens = torch.frombuffer(ids, dtype=torch.int32).to(self.device, torch.long)
-        specs, drawn = samples, any(s.temperature > 0 for s in samples)
+        drawn = any(s.temperature > 0 for s in samples)
         # each step's tokens, kept on the device: one copy out at the end of the run
         sampled = torch.empty(len(run), len(step.starts), dtype=torch.long, device=self.device)
+        run_logprobs: list = []  # each step's, when a sequence asked for them
         self.model_seconds = 0.0
         ask_at = time.perf_counter()  # when to ask next whether SHUTDOWN came
         for i in range(len(run)):
@@ -224,12 +296,16 @@ class ModelRunner:
             for group in meta.decode:  # any masks not built yet, outside the model's time
                 group.bias_for(self.score_heads, self.dtype,
                                group.tables.shape[1] * run.block_size)
-            if self.sampler is not None and i and drawn:  # a draw's output index moves on
-                specs = [Sample(*s[:5], s.output_index + i) for s in samples[:run.running[i]]]
+            specs = samples[:run.running[i]]
+            if self.sampling is not None and i and drawn:  # a draw's output index moves on
+                specs = [s._replace(output_index=s.output_index + i) for s in specs]
             began = time.perf_counter()
             hidden = self.model(tokens, meta.positions, self.caches, meta)
             logits = self.model.compute_logits(hidden)
-            new = self.sampler(logits, specs) if self.sampler is not None else None
+            new = None
+            if self.sampling is not None:
+                new, entries = self.sampling.sample(logits, specs)
+                run_logprobs.append(entries)
             self.model_seconds += time.perf_counter() - began
             # asking the socket costs about a hundredth of a batch-64 step: ask every 10 ms
             stop = False
@@ -244,7 +320,11 @@ class ModelRunner:
                 tokens = tokens[:run.running[i + 1]]
         flat, last = run.by_sequence(sampled)
         self.last_sampled = last.tolist()
-        return flat.tolist() if self.sampler is not None else None
+        self.logprobs, self.prompt_logprobs = [], []
+        if any(entries is not None for entries in run_logprobs):
+            self.logprobs = [run_logprobs[j][i] if run_logprobs[j] is not None else None
+                             for i, k in enumerate(step.decode_steps) for j in range(k)]
+        return flat.tolist() if self.sampling is not None else None
 
     def _token_ids(self, step: Step) -> array:
         """The step's token ids, the placeholders filled in: the request loop sends the next

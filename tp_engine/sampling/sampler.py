@@ -1,4 +1,4 @@
-"""Rank 0's sampler: greedy, temperature, top-k and top-p.
+"""Rank 0's sampler: greedy, temperature, min-p, top-k and top-p.
 
 A row is drawn as argmax(probs / E) with E ~ Exp(1) per token (the exponential race, equal in
 law to drawing from `probs`). A request with a seed gets E from a generator seeded by
@@ -30,6 +30,7 @@ class Sampler:
     def _sample(self, specs: list[Sample], logits: torch.Tensor) -> torch.Tensor:
         temperature = torch.tensor([s.temperature for s in specs], device=self.device)
         logits = logits / temperature[:, None]
+        logits = _min_p(logits, [s.min_p for s in specs])
         logits = _top_k_top_p(logits, [s.top_k for s in specs], [s.top_p for s in specs])
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs)
@@ -51,6 +52,15 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and x.dtype == torch.float32:
         return torch.from_numpy(x.numpy().argmax(-1))
     return x.argmax(dim=-1)
+
+
+def _min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Drop the tokens less likely than min_p times the most likely one (vLLM's min_p)."""
+    if not any(min_p):
+        return logits
+    probs = logits.softmax(dim=-1)
+    floor = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=logits.device)[:, None]
+    return logits.masked_fill(probs < floor, float("-inf"))
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
