@@ -62,7 +62,8 @@ def _structured(extra: dict[str, Any]) -> dict[str, Any]:
     tools, choice = extra.get("tools"), extra.get("tool_choice")
     tool_calls.check_tools(tools, choice)
     if tools and choice not in (None, "none", "auto"):
-        return {"json_schema": tool_calls.constraint(tools, choice)}
+        parallel = extra.get("parallel_tool_calls") is not False
+        return {"json_schema": tool_calls.constraint(tools, choice, parallel)}
     fmt = extra.get("response_format")
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object",

@@ -61,8 +61,9 @@ def _parameters(function: dict) -> dict:
     return function.get("parameters") or {"type": "object", "properties": {}}
 
 
-def constraint(tools: list[dict], tool_choice: Any) -> dict | None:
-    """The JSON schema the output must follow for this tool_choice, or None (free text)."""
+def constraint(tools: list[dict], tool_choice: Any, parallel: bool = True) -> dict | None:
+    """The JSON schema the output must follow for this tool_choice, or None (free text);
+    `parallel` False (OpenAI's parallel_tool_calls) allows one call at most."""
     name = chosen_name(tool_choice)
     if name is not None:
         function = next(function_of(t) for t in tools if function_of(t)["name"] == name)
@@ -72,7 +73,8 @@ def constraint(tools: list[dict], tool_choice: Any) -> dict | None:
                   "properties": {"name": {"const": function_of(t)["name"]},
                                  "parameters": _parameters(function_of(t))},
                   "required": ["name", "parameters"]} for t in tools]
-        return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        return schema if parallel else {**schema, "maxItems": 1}
     return None
 
 

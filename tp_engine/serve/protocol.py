@@ -127,7 +127,7 @@ class ChatCompletionRequest(_Request):
     parallel_tool_calls: bool | None = None
 
     EXTRA: ClassVar[tuple[str, ...]] = (*_Request.EXTRA, "logprobs", "top_logprobs", "tools",
-                                        "tool_choice")
+                                        "tool_choice", "parallel_tool_calls")
 
     def effective_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
