@@ -278,6 +278,16 @@ def test_echo_logprobs_and_n_over_http(server):
     assert len(set(biased.choices[0].logprobs.tokens)) == 1
 
 
+def test_a_stream_gets_one_event_per_token_inside_runs_of_decode_steps(server):
+    """The workers report each step of a run of decode steps (up to 16) as it is sampled:
+    a stream gets its tokens one by one, not in bursts of a run."""
+    client = server.client()
+    per_chunk = [len(c.choices[0].logprobs.tokens) for c in client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=48, logprobs=0, stream=True, **GREEDY)
+        if c.choices and c.choices[0].logprobs]
+    assert sum(per_chunk) == 48 and max(per_chunk) == 1, per_chunk
+
+
 def test_health_answers_while_a_huge_prompt_is_tokenized(server):
     """A prompt of 2.4 MB takes the tokenizer about two seconds here: done on the event loop,
     /health waited as long (a liveness probe would kill the server)."""

@@ -118,6 +118,7 @@ class Step(Message):
     setups: list = dataclasses.field(default_factory=list)
     releases: list = dataclasses.field(default_factory=list)
     logit_rows: list = dataclasses.field(default_factory=list)
+    report_steps: bool = False  # a run of decode steps: send a StepTokens after each step
 
     def named_samples(self) -> list[Sample]:
         """`samples` by name; a ValueError for one of the wrong shape."""
@@ -153,6 +154,18 @@ class StepDone(Message):
     model_seconds: float
     logprobs: list = dataclasses.field(default_factory=list)
     prompt_logprobs: list = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class StepTokens(Message):
+    """Rank 0's tokens of step `index` of a run of decode steps (one per sequence still
+    running at that step, in batch order), sent while the run goes on; the StepDone that ends
+    the run still carries every token."""
+    tag: ClassVar[int] = 8
+    step_id: int
+    index: int
+    token_ids: list
+    logprobs: list = dataclasses.field(default_factory=list)
 
 
 @dataclass

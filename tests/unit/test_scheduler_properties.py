@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 from tp_engine import wire
 from tp_engine.engine.block_manager import BlockManager
-from tp_engine.engine.request_loop import RequestLoop, _Stopping
+from tp_engine.engine.request_loop import InFlight, RequestLoop, _Stopping
 from tp_engine.engine.sampling_params import SamplingParams
 from tp_engine.engine.scheduler import Scheduler, Sequence
 from tp_engine.worker.model_runner import ModelRunner
@@ -302,7 +302,7 @@ class FakeWorkers:
             req = self.requests[seq.seq_id]
             for p in range(last):
                 assert self.cache.get((table[p // bs], p % bs)) == (seq.seq_id, p, req.token(p))
-        tokens, last_tokens, sampled = [], [], []
+        tokens, last_tokens, sampled, per_seq = [], [], [], []
         for sample in samples:
             i, out = sample.index, sample.output_index
             seq, k = batch[i][0], runs[i]
@@ -311,13 +311,17 @@ class FakeWorkers:
             assert out == step.starts[i] + step.query_lens[i] - len(req.prompt)
             assert out + k <= req.limit(self.max_model_len), "sampled past its end"
             drawn = req.draws[out:out + k]
+            per_seq.append(drawn)
             tokens += drawn
             last_tokens.append(drawn[-1])
             sampled.append((seq, k))
         self.last_sampled = last_tokens
         steps = max(step.decode_steps, default=1)
-        return sampled, wire.StepDone(step.step_id, tokens, steps,
-                                      steps * next(self.step_times))
+        done = wire.StepDone(step.step_id, tokens, steps, steps * next(self.step_times))
+        # with report_steps, each step of a run but the last also comes on its own, first
+        done.reports = [wire.StepTokens(step.step_id, j, [d[j] for d in per_seq if len(d) > j])
+                        for j in range(steps - 1)] if step.report_steps else []
+        return sampled, done
 
 
 # --- the loop --------------------------------------------------------------------------------
@@ -328,9 +332,10 @@ class Sim:
     def __init__(self, w: Workload):
         self.w = w
         self.requests = {r.seq_id: r for r in w.requests}
+        # every other sequence streams: its runs report each step (StepTokens)
         self.seqs = {r.seq_id: Sequence(r.seq_id, list(r.prompt), len(r.prompt),
                                         SamplingParams(max_tokens=r.max_tokens, seed=r.seq_id),
-                                        r.max_tokens, r.stops)
+                                        r.max_tokens, r.stops, streaming=r.seq_id % 2 == 0)
                      for r in w.requests}
         self.workers = FakeWorkers(w, self.requests)
         self.scheduler = CheckedScheduler(
@@ -378,9 +383,9 @@ class Sim:
         assert len(self.in_flight) <= 2
         self._check_pending()
 
-    def _await(self, step_id: int | None) -> wire.StepDone | None:
+    def _await(self, step: InFlight | None) -> wire.StepDone | None:
         self._check_pending()
-        if step_id is None:  # idle: nothing in flight, nothing to schedule
+        if step is None:  # idle: nothing in flight, nothing to schedule
             assert not (self.in_flight or self.scheduler.waiting or self.scheduler.running), "stuck"
             if not self.events:
                 self.loop._stopping = True  # RequestLoop.stop(): the test is over
@@ -389,7 +394,9 @@ class Sim:
             self._deliver()
             return None
         expected, _, done = self.in_flight.popleft()
-        assert expected == step_id  # steps complete in the order sent
+        assert expected == step.step_id  # steps complete in the order sent
+        for report in done.reports:  # as RequestLoop._await hands them on
+            self.loop._step_tokens(step, report)
         self.tick += 1
         assert self.tick < MAX_TICKS, "no progress"
         self._deliver()  # what came while it ran

@@ -30,7 +30,7 @@ def client(core, prompts: list[list[int]], max_tokens: int, out: list[tuple[floa
     try:
         for prompt in prompts:
             sent = time.perf_counter()
-            state = core.submit(prompt, params, SyncSink())
+            state = core.submit(prompt, params, SyncSink(), stream=True)
             first = last = None
             count = 0
             while True:

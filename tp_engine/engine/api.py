@@ -134,7 +134,7 @@ class AsyncEngine(EngineFront):
         text, ids = prompt_input(self._core, prompt)
         params = sampling_params or SamplingParams()
         sink = AsyncSink(asyncio.get_running_loop())
-        states = self._core.submit_samples(ids, params, sink, text, request_id)
+        states = self._core.submit_samples(ids, params, sink, text, request_id, stream=True)
         try:
             while True:
                 await sink.wait()

@@ -134,19 +134,24 @@ class EngineCore:
             check_grammar(*params.grammar)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink=None,
-               prompt: str | None = None, request_id: str | None = None) -> RequestState:
+               prompt: str | None = None, request_id: str | None = None,
+               stream: bool = False) -> RequestState:
         """Queue a request of one sample. Raises at once (nothing queued) when it cannot be
         served."""
         if params.samples > 1:
             raise InvalidRequestError("a request of several samples (n, best_of) goes through "
                                       "submit_samples")
-        return self.submit_samples(prompt_ids, params, sink, prompt, request_id)[0]
+        return self.submit_samples(prompt_ids, params, sink, prompt, request_id, stream)[0]
 
     def submit_samples(self, prompt_ids: list[int], params: SamplingParams, sink=None,
                        prompt: str | None = None, request_id: str | None = None,
-                       ) -> list[RequestState]:
-        """Queue one request's samples (n, or best_of) together, one sink waking for all."""
+                       stream: bool = False) -> list[RequestState]:
+        """Queue one request's samples (n, or best_of) together, one sink waking for all.
+        `stream`: its consumer shows each token as it comes, so the workers report every step
+        of a run of decode steps instead of the run's tokens at its end."""
         made = self._request(prompt_ids, params, sink or SyncSink(), prompt, request_id)
+        for _, seq in made:
+            seq.streaming = stream
         self._queue(made)
         return [state for state, _ in made]
 

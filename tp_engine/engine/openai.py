@@ -156,13 +156,13 @@ def prepare_completion(core, prompt: str | list[int], model: str | None,
 
 
 def submit(core, requests: list[PreparedRequest], sink: SyncSink | AsyncSink,
-           ) -> list[list[RequestState]]:
+           stream: bool = False) -> list[list[RequestState]]:
     """Every prompt's samples, on one sink; if one cannot be submitted, none stays."""
     states: list[list[RequestState]] = []
     try:
         for r in requests:
             states.append(core.submit_samples(r.prompt_ids, r.params, sink, r.prompt,
-                                              r.request_id))
+                                              r.request_id, stream))
     except BaseException:
         for samples in states:
             for state in samples:
@@ -187,7 +187,7 @@ def run(core, requests: list[PreparedRequest], stream: bool, include_usage: bool
     if stream:
         check_stream(requests)
     sink = SyncSink()
-    states = submit(core, requests, sink)
+    states = submit(core, requests, sink, stream)
     if stream:
         return ChunkStream(core, requests, states, sink, include_usage)
     flat = [s for samples in states for s in samples]
@@ -205,7 +205,7 @@ async def run_async(core, requests: list[PreparedRequest], stream: bool, include
     if stream:
         check_stream(requests)
     sink = AsyncSink(asyncio.get_running_loop())
-    states = submit(core, requests, sink)
+    states = submit(core, requests, sink, stream)
     if stream:
         return ChunkStream(core, requests, states, sink, include_usage)
     flat = [s for samples in states for s in samples]

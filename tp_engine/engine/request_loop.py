@@ -13,6 +13,7 @@ import threading
 from array import array
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_any
 
 import zmq
@@ -30,6 +31,16 @@ DEATH_NOTICE_S = 0.5
 
 class _Stopping(Exception):
     pass
+
+
+@dataclass
+class InFlight:
+    """A step sent and not yet done."""
+    step_id: int
+    sampled: list[tuple[Sequence, int]]  # the sequences it samples, with their token counts
+    seqs: list[Sequence]                 # all its sequences, in order
+    decodes: bool                        # only decodes: its time sizes the runs
+    reported: int = 0                    # steps of its run already streamed (StepTokens)
 
 
 class RequestLoop:
@@ -108,9 +119,7 @@ class RequestLoop:
         next step's tokens that the running step samples travel as placeholders the workers
         fill in. The price: a sequence that stops (EOS, stop token) computes the tokens of the
         step (or run of decode steps) already queued behind, which are dropped."""
-        # (step id, [(sampled sequence, tokens it samples)], whether it only decodes, the
-        # step's sequences)
-        in_flight: deque[tuple[int, list[tuple[Sequence, int]], bool, list[Sequence]]] = deque()
+        in_flight: deque[InFlight] = deque()
         while True:
             self._take_inbox()
             while len(in_flight) < 2:
@@ -122,21 +131,21 @@ class RequestLoop:
                                                 for s in too_long])
                 if not batch:
                     break
-                decodes = all(n == 1 for _, n in batch)
                 step, sampled = self._build_step(batch, decode_steps)
                 self.group.broadcast(step)
-                in_flight.append((step.step_id, sampled, decodes, [seq for seq, _ in batch]))
+                in_flight.append(InFlight(step.step_id, sampled, [seq for seq, _ in batch],
+                                          all(n == 1 for _, n in batch)))
             if not in_flight:
                 self._await(None)  # idle: sleep until a request, an abort or a death
                 continue
-            step_id, sampled, decodes, seqs = in_flight.popleft()
-            done = self._await(step_id)
+            step = in_flight.popleft()
+            done = self._await(step)
             self.steps += done.steps
             self.model_seconds += done.model_seconds
-            if decodes:  # what sizes the runs of decode steps
+            if step.decodes:  # what sizes the runs of decode steps
                 self.scheduler.observe_decode(done.model_seconds / done.steps)
-            outputs = self._prompt_logprobs(seqs, done.prompt_logprobs)
-            outputs += self._apply(sampled, done.token_ids, done.logprobs)
+            outputs = self._prompt_logprobs(step.seqs, done.prompt_logprobs)
+            outputs += self._apply(step.sampled, done.token_ids, done.logprobs, step.reported)
             if outputs:
                 self.stream_back.queue.put(outputs)
 
@@ -195,12 +204,15 @@ class RequestLoop:
                 seq.pending += k
                 sampled.append((seq, k))
         releases, self._releases = self._releases, []
+        report = bool(decode_steps) and any(seq.streaming for seq, _ in batch)
         step = wire.Step(next(self._step_ids), starts, lens, tokens.tobytes(), tables, samples,
-                         decode_steps, setups, releases, logit_rows)
+                         decode_steps, setups, releases, logit_rows, report)
         return step, sampled
 
-    def _await(self, step_id: int | None) -> wire.StepDone | None:
-        """Sleep until step `step_id` is done (or, with None, until anything happens)."""
+    def _await(self, step: InFlight | None) -> wire.StepDone | None:
+        """Sleep until `step` is done (or, with None, until anything happens); hand on the
+        tokens of its steps that come while it runs."""
+        step_id = step.step_id if step is not None else None
         while True:
             events = dict(self._poller.poll())
             fired = [s for s in self.group.sentinels if s in events]
@@ -214,6 +226,8 @@ class RequestLoop:
                 msg = self.group.recv()
                 if isinstance(msg, wire.StepDone) and msg.step_id == step_id:
                     return msg
+                if isinstance(msg, wire.StepTokens) and msg.step_id == step_id:
+                    self._step_tokens(step, msg)
                 if isinstance(msg, wire.StepFailed):
                     raise self._step_failure(msg)
             if step_id is None:
@@ -228,29 +242,57 @@ class RequestLoop:
             return WorkerDiedError(*dead[0])
         return EngineError(f"worker rank {msg.rank} failed step {msg.step_id}: {msg.error}")
 
+    def _step_tokens(self, step: InFlight, msg: wire.StepTokens) -> None:
+        """One step of a run, streamed as it is made: sequence i's token is the i-th."""
+        if msg.index != step.reported or len(msg.token_ids) > len(step.sampled):
+            log.warning("dropped a StepTokens out of order (step %d, %d)", msg.step_id,
+                        msg.index)
+            return
+        step.reported += 1
+        outputs: StepOutputs = []
+        for i, token in enumerate(msg.token_ids):
+            seq = step.sampled[i][0]
+            seq.pending -= 1
+            out = self._take(seq, [token], msg.logprobs[i:i + 1] if msg.logprobs else None)
+            if out is not None:
+                outputs.append(out)
+        if outputs:
+            self.stream_back.queue.put(outputs)
+
     def _apply(self, sampled: list[tuple[Sequence, int]], tokens: list[int],
-               logprobs: list) -> StepOutputs:
+               logprobs: list, reported: int = 0) -> StepOutputs:
+        """A step's tokens; in a run, each sequence's first `reported` were taken already
+        (StepTokens)."""
         outputs: StepOutputs = []
         offset = 0
         for seq, k in sampled:
-            new, offset = tokens[offset:offset + k], offset + k
-            seq.pending -= k
-            if self.seqs.get(seq.seq_id) is not seq:
-                continue  # finished or aborted while this step ran: its tokens are dropped
-            reason = None
-            if not seq.stops.isdisjoint(new):  # the tokens after a stop token are dropped
-                new = new[:next(i for i, t in enumerate(new, 1) if t in seq.stops)]
-                reason = "stop"
-            seq.token_ids.extend(new)
-            # a run never goes past max_tokens or max_model_len: only its last token can end it
-            if reason is None and (seq.num_output >= seq.max_tokens
-                                   or len(seq.token_ids) >= self.max_model_len):
-                reason = "length"
-            if reason is not None:
-                self._forget(seq)
-            lps = logprobs[offset - k:offset - k + len(new)] if logprobs else None
-            outputs.append(SeqOutput(seq.seq_id, new, reason, lps))
+            skip = min(reported, k)
+            new = tokens[offset + skip:offset + k]
+            lps = logprobs[offset + skip:offset + k] if logprobs else None
+            offset += k
+            seq.pending -= k - skip
+            out = self._take(seq, new, lps)
+            if out is not None:
+                outputs.append(out)
         return outputs
+
+    def _take(self, seq: Sequence, new: list[int], lps: list | None) -> SeqOutput | None:
+        """A sequence's new tokens: ended by a stop token or its length (and forgotten),
+        or None when it finished or was aborted while they were made (they are dropped)."""
+        if self.seqs.get(seq.seq_id) is not seq:
+            return None
+        reason = None
+        if not seq.stops.isdisjoint(new):  # the tokens after a stop token are dropped
+            new = new[:next(i for i, t in enumerate(new, 1) if t in seq.stops)]
+            reason = "stop"
+        seq.token_ids.extend(new)
+        # a run never goes past max_tokens or max_model_len: only its last token can end it
+        if reason is None and (seq.num_output >= seq.max_tokens
+                               or len(seq.token_ids) >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self._forget(seq)
+        return SeqOutput(seq.seq_id, new, reason, lps[:len(new)] if lps else None)
 
     def _prompt_logprobs(self, seqs: list[Sequence], made: list) -> StepOutputs:
         """The prompt logprobs a step made, for the sequences still there."""

@@ -45,6 +45,7 @@ class Sequence:
     pending_index: int = 0  # its sample's index in the last step sent (the worker's reference)
     rank0_state: bool = False   # rank 0 keeps a state for it (penalties, logprobs, grammar)
     prompt_logprobs_to: int = 0  # the positions whose prompt logprobs were asked for
+    streaming: bool = False  # a consumer reads it token by token: runs report every step
 
     @property
     def num_output(self) -> int:

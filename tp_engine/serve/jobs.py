@@ -54,7 +54,7 @@ class Job:
             if body.stream:
                 check_stream(requests)
             sink = AsyncSink(asyncio.get_running_loop())
-            self.samples = submit(core, requests, sink)
+            self.samples = submit(core, requests, sink, body.stream)
         self.stream = ChunkStream(core, requests, self.samples, sink, body.include_usage,
                                   body.continuous_usage)
         self.states = self.stream.states

@@ -119,8 +119,12 @@ def _loop(rank: int, link: wire.Link, runner) -> None:
         if not isinstance(msg, wire.Step):
             log.warning("rank %d dropped an unexpected %s", rank, type(msg).__name__)
             continue
+        def report(index: int, tokens: list[int], logprobs: list, step_id: int = msg.step_id):
+            link.send(wire.StepTokens(step_id=step_id, index=index, token_ids=tokens,
+                                      logprobs=logprobs))
+
         try:
-            tokens = runner.step(msg, inbox.shutdown_waiting)
+            tokens = runner.step(msg, inbox.shutdown_waiting, report)
         except Interrupted:
             continue  # the SHUTDOWN is next in the inbox
         except Exception as e:

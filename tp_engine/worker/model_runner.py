@@ -230,13 +230,18 @@ class ModelRunner:
             raise ValueError("step: decode_steps must not increase along the batch")
 
     @torch.inference_mode()
-    def step(self, step: Step, stop_asked: Callable[[], bool] = lambda: False) -> list[int] | None:
+    def step(self, step: Step, stop_asked: Callable[[], bool] = lambda: False,
+             report: Callable[[int, list[int], list], None] | None = None) -> list[int] | None:
         """Run `step`; rank 0 returns the sampled tokens. A run of decode steps asks
-        `stop_asked` (rank 0's answer counts) between two steps, and raises Interrupted."""
+        `stop_asked` (rank 0's answer counts) between two steps, and raises Interrupted; with
+        `report_steps`, rank 0 calls `report(index, tokens, logprobs)` after each step of the
+        run but the last."""
         samples = self.check(step)
         ids = self._token_ids(step)
         if step.decode_steps:
-            return self._decode_run(step, samples, ids, stop_asked)
+            if not (step.report_steps and self.sampling is not None):
+                report = None
+            return self._decode_run(step, samples, ids, stop_asked, report)
         meta = AttentionMetadata.build(step.starts, step.query_lens, step.block_tables,
                                        self.config.block_size, self.window, self.device)
         ids_t = torch.frombuffer(ids, dtype=torch.int32).to(self.device, torch.long)
@@ -278,7 +283,8 @@ class ModelRunner:
                 self.prompt_logprobs.append([index, step.starts[index] + 1, entries])
 
     def _decode_run(self, step: Step, samples: list[Sample], ids: array,
-                    stop_asked: Callable[[], bool]) -> list[int] | None:
+                    stop_asked: Callable[[], bool],
+                    report: Callable[[int, list[int], list], None] | None) -> list[int] | None:
         """Several decode steps, each one's sampled tokens the next one's input. Returns each
         sequence's tokens, sequence by sequence (rank 0; None elsewhere)."""
         run = DecodeRun.build(step.starts, step.decode_steps, step.block_tables,
@@ -307,6 +313,8 @@ class ModelRunner:
                 new, entries = self.sampling.sample(logits, specs)
                 run_logprobs.append(entries)
             self.model_seconds += time.perf_counter() - began
+            if report is not None and i + 1 < len(run):  # the run's last goes with StepDone
+                report(i, new.tolist(), entries or [])
             # asking the socket costs about a hundredth of a batch-64 step: ask every 10 ms
             stop = False
             if self.tp.rank == 0 and i + 1 < len(run) and time.perf_counter() >= ask_at:
