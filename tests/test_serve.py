@@ -289,9 +289,9 @@ def test_a_stream_gets_one_event_per_token_inside_runs_of_decode_steps(server):
 
 
 def test_health_answers_while_a_huge_prompt_is_tokenized(server):
-    """A prompt of 2.4 MB takes the tokenizer about two seconds here: done on the event loop,
-    /health waited as long (a liveness probe would kill the server)."""
-    prompt = "different words making another text of some length. " * 45_000
+    """A body of 5 MB takes the tokenizer seconds here: done on the event loop, /health
+    waited as long (a liveness probe would kill the server)."""
+    prompt = "different words making another text of some length. " * 95_000
 
     async def probe_while_posting() -> tuple[float, list[float]]:
         async with httpx.AsyncClient(timeout=60) as client:
@@ -310,7 +310,8 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(server):
 
     took, waits = asyncio.run(probe_while_posting())
     assert took > 1.0, f"the prompt took only {took:.2f} s: the test shows nothing"
-    assert max(waits) < 0.5, f"/health took up to {max(waits):.2f} s"
+    # 35 ms at most here (median 2 ms), the goal 100 ms: the margin is for a busy machine
+    assert max(waits) < 0.2, f"/health took up to {max(waits):.2f} s"
 
 
 def test_bad_requests_are_400_and_the_server_keeps_serving(server):
