@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Literal
 
@@ -164,3 +166,26 @@ def test_langchain_tools_and_structured_output(tiny_server):
     assert isinstance(plan, Plan) and 1 <= plan.days <= 9
     json_plan = llm.with_structured_output(Plan, method="json_schema").invoke("Plan a trip")
     assert isinstance(json_plan, Plan)
+
+
+def test_guidellm_streaming_benchmark_has_no_errors(tiny_server, tmp_path):
+    """guidellm's streaming run (it sends stream_options.continuous_usage_stats): every
+    request completes, and its streams bring about one token an event (runs of decode steps
+    would bring several)."""
+    if shutil.which("guidellm") is None:
+        pytest.skip("pip install guidellm")
+    report = tmp_path / "guidellm.json"
+    subprocess.run(
+        ["guidellm", "run", "--backend",
+         f"kind=openai_http,target={tiny_server.url},model=tiny",
+         "--profile", "kind=concurrent,streams=4", "--constraint", "kind=max_requests,count=24",
+         "--data", "kind=synthetic_text,prompt_tokens=32,output_tokens=16",
+         "--tokenizer", f"kind=huggingface_auto,model={tiny_server.model}",
+         "--output", f"kind=json,path={report}", "--disable-console-interactive"],
+        check=True, timeout=300, capture_output=True, cwd=tmp_path)
+    metrics = json.loads(report.read_text())["benchmarks"][0]["metrics"]
+    assert metrics["request_totals"] == {"successful": 24, "errored": 0, "incomplete": 0,
+                                         "total": 24}
+    # a random model's output splits characters over tokens, which come out together
+    assert metrics["output_tokens_per_iteration"]["successful"]["median"] < 2
+
