@@ -29,10 +29,12 @@ class Grammars:
         self.vocab_size = vocab_size
         self.eos_token_ids: list[int] = []
         self._tokenizer = None
-        self._grammars: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._compiled: OrderedDict[tuple[str, str], object] = OrderedDict()  # matchers
         self._lock = threading.Lock()
 
     def matcher(self, kind: str, text: str) -> GrammarMatcher:
+        """A matcher at the grammar's start. The grammar is compiled the first time it is
+        asked for; later sequences get a copy of that first matcher, compiled already."""
         llg = llguidance()
         with self._lock:
             if self._tokenizer is None:
@@ -41,14 +43,14 @@ class Grammars:
                 self._tokenizer = llg.LLTokenizer(tokenizer.to_json(), n_vocab=self.vocab_size,
                                                   eos_token=self.eos_token_ids or None)
             key = (kind, text)
-            grammar = self._grammars.get(key)
-            if grammar is None:
-                grammar = self._grammars[key] = grammar_text(kind, text)
-                if len(self._grammars) > MAX_GRAMMARS:
-                    self._grammars.popitem(last=False)
-            self._grammars.move_to_end(key)
-        return GrammarMatcher(llg.LLMatcher(self._tokenizer, grammar, log_level=0),
-                              self.vocab_size, self.eos_token_ids)
+            compiled = self._compiled.get(key)
+            if compiled is None:
+                compiled = self._compiled[key] = llg.LLMatcher(
+                    self._tokenizer, grammar_text(kind, text), log_level=0)
+                if len(self._compiled) > MAX_GRAMMARS:
+                    self._compiled.popitem(last=False)
+            self._compiled.move_to_end(key)
+            return GrammarMatcher(compiled.deep_copy(), self.vocab_size, self.eos_token_ids)
 
 
 class GrammarMatcher:
