@@ -191,3 +191,28 @@ def test_structured_output_is_valid_from_a_random_model(tiny_model):
         with pytest.raises(ValueError, match="structured output"):
             llm.generate("x", SamplingParams(regex="a(b"))
         assert llm.generate("x", SamplingParams(max_tokens=2))[0].token_ids  # still serving
+
+
+def test_rank0_state_survives_preemption(hf_models):
+    """A preempted sequence is recomputed from its tokens, and rank 0 rebuilds its state
+    (penalty counts, the grammar's position) from them: the outputs equal a roomy run's."""
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                             frequency_penalty=1.0, presence_penalty=0.5),
+              SamplingParams(max_tokens=40, temperature=1.0, seed=7, ignore_eos=True,
+                             repetition_penalty=1.3, logprobs=2),
+              SamplingParams(max_tokens=40, temperature=1.0, seed=8, regex=r"[a-z]{10,30}")]
+    prompts = [{"prompt_token_ids": [5 + i, 17, 33, 2, 9, 40 + i]} for i in range(12)]
+    every = [params[i % 3] for i in range(12)]
+    outputs = {}
+    for blocks in (None, 12):  # 12 blocks of 16 for 12 sequences of up to 46 tokens: preempts
+        with Engine(hf_models["llama"], device="cpu", dtype="float32",
+                    num_kv_blocks=blocks) as llm:
+            outputs[blocks] = llm.generate(prompts, every)
+            preempted = llm.core.stats()["preemptions"]
+        if blocks:
+            assert preempted > 0, "no preemption: the test shows nothing"
+    for roomy, tight in zip(outputs[None], outputs[12]):
+        assert tight.token_ids == roomy.token_ids
+        for mine, theirs in zip(tight.logprobs or [], roomy.logprobs or []):  # other batches:
+            assert mine.keys() == theirs.keys()                              # other rounding
+            assert all(abs(mine[t] - theirs[t]) < 1e-4 for t in mine)
