@@ -113,6 +113,8 @@ class Background:
 def engine(model: str, **kwargs) -> Engine:
     kwargs.setdefault("tensor_parallel_size", TP)
     kwargs.setdefault("device", "cpu")
+    kwargs.setdefault("max_restarts", 0)  # fail-stop: a death here ends the engine (see
+    # test_recovery.py for the restarts)
     return Engine(model, **kwargs)
 
 

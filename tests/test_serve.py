@@ -27,7 +27,7 @@ SERVERS = {  # name -> flags: --tp 2 on CPU (gloo) but where one rank is enough
     "main": ["--tp", "2", "--served-model-name", "tiny"],
     "drain": ["--tp", "2", "--max-num-seqs", "4", "--max-waiting", "4"],
     "skip": ["--tp", "1", "--drain-timeout", "600"],
-    "dies": ["--tp", "1"],
+    "dies": ["--tp", "1", "--max-restarts", "0"],
 }
 
 

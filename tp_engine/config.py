@@ -55,6 +55,9 @@ class EngineConfig:
         "help": "KV-cache blocks per worker (default: sized from the memory settings)"})
     kv_cache_memory_gb: float | None = field(default=None, metadata={
         "help": "GB of KV cache per CPU worker (default: sized from free memory at start)"})
+    max_restarts: int = field(default=3, metadata={
+        "help": "times the engine restarts its worker group after a worker dies, recomputing "
+                "the requests in flight (0: fail-stop); not under torchrun"})
     gpu_memory_utilization: float = field(default=0.85, metadata={
         "help": "share of a GPU's free memory the KV cache may take"})
     seed: int = field(default=0, metadata={"help": "seed of the sampler"})
@@ -86,6 +89,9 @@ class EngineConfig:
                      "block_size", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be a non-negative integer, "
+                             f"got {self.max_restarts!r}")
         if self.decode_run_seconds is not None and self.decode_run_seconds <= 0:
             raise ValueError(f"decode_run_seconds must be positive or None, "
                              f"got {self.decode_run_seconds}")

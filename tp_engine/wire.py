@@ -302,6 +302,7 @@ def bind_router(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, str]:
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a vanished worker raises, not vanishes
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)   # a restarted rank takes its identity back
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
     sock.bind(endpoint)
     return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)

@@ -67,7 +67,7 @@ def worker_kill(kwargs: dict, runs: int) -> list[float]:
 
     seconds = []
     for _ in range(runs):
-        engine = Engine(**kwargs)
+        engine = Engine(**{**kwargs, "max_restarts": 0})  # the death is the error measured
         try:
             state = _submit(engine, 1)[0]
             _first_token(state)

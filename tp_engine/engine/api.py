@@ -67,6 +67,12 @@ class EngineFront:
         return self._core.config
 
     @property
+    def restarts(self) -> int:
+        """How many times the worker group was restarted after a worker died."""
+        core = getattr(self, "_core", None)
+        return core.loop.restarts if core is not None and hasattr(core, "loop") else 0
+
+    @property
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self._core.group.procs]
 

@@ -80,7 +80,7 @@ class EngineCore:
         self._resources.acquired("stream-back thread",
                                  lambda d: self.stream_back.join(d.left()))
         self.loop = RequestLoop(group, self.scheduler, self.stream_back, cfg.max_model_len,
-                                self._on_failure)
+                                self._on_failure, cfg.max_restarts)
         self.loop.start()
         self._resources.acquired("request loop", self._release_loop)
 
@@ -218,6 +218,7 @@ class EngineCore:
                     in_flight=len(self.registry), kv_blocks=blocks.num_blocks,
                     kv_blocks_free=blocks.num_free, kv_usage=blocks.usage,
                     preemptions=self.scheduler.num_preemptions, steps=self.loop.steps,
+                    restarts=self.loop.restarts,
                     model_seconds=self.loop.model_seconds)
 
     # --- lifecycle -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from array import array
 from collections import deque
 from collections.abc import Callable
@@ -45,12 +46,15 @@ class InFlight:
 
 class RequestLoop:
     def __init__(self, group: WorkerGroup, scheduler: Scheduler, stream_back: StreamBack,
-                 max_model_len: int, on_failure: Callable[[EngineError], None]):
+                 max_model_len: int, on_failure: Callable[[EngineError], None],
+                 max_restarts: int = 0):
         self.group = group
         self.scheduler = scheduler
         self.stream_back = stream_back
         self.max_model_len = max_model_len
         self.on_failure = on_failure
+        self.max_restarts = max_restarts
+        self.restarts = 0           # worker groups started after a death
         self.seqs: dict[int, Sequence] = {}
         self.steps = 0              # steps the workers ran (a run of decode steps counts each)
         self.model_seconds = 0.0    # and rank 0's time in the model for them
@@ -113,6 +117,45 @@ class RequestLoop:
             self.group.send_shutdown()
 
     def _step_loop(self) -> None:
+        """Serve; when a worker dies, restart the group and serve on (see _restart)."""
+        while True:
+            try:
+                return self._serve()
+            except WorkerDiedError as error:
+                self._restart(error)
+
+    def _restart(self, error: WorkerDiedError) -> None:
+        """A fresh worker group, and every sequence recomputed from its tokens as after a
+        preemption: the steps in flight are dropped (their tokens were never applied, and are
+        drawn again, the same for greedy and seeded sampling), rank 0 rebuilds each state
+        from the tokens. A group that dies while starting counts as a restart too; once
+        `max_restarts` are spent, the death is the engine's failure."""
+        if not self.group.restartable or self.restarts >= self.max_restarts:
+            raise error
+        began = time.perf_counter()
+        for sentinel in self.group.sentinels:  # closed with their processes
+            self._poller.unregister(sentinel)
+        for seq in self.seqs.values():
+            seq.pending = 0
+        self.scheduler.requeue_all()
+        self._releases.clear()  # the new group has no states to drop
+        while True:
+            self.restarts += 1
+            log.error("%s: restarting the worker group (%d of %d)", error, self.restarts,
+                      self.max_restarts)
+            try:
+                self.group.restart()
+                break
+            except EngineError as e:  # the new group failed to start: that counts too
+                if self.restarts >= self.max_restarts or self._stopping:
+                    raise
+                error = e
+        for sentinel in self.group.sentinels:
+            self._poller.register(sentinel, zmq.POLLIN)
+        log.warning("worker group restarted in %.2f s; %d requests recomputed",
+                    time.perf_counter() - began, len(self.seqs))
+
+    def _serve(self) -> None:
         """Keep two steps in flight: while the workers compute one, the next is scheduled,
         built and already queued in their sockets, so the workers never wait for this thread
         (its scheduling, the messages, the stream-back handoff all overlap the forward). The

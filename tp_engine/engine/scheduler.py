@@ -172,6 +172,13 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
+    def requeue_all(self) -> None:
+        """Every running sequence back to the front of the queue, in order, as preempted
+        (a new worker group: nothing of the old cache is kept)."""
+        for seq in reversed(self.running):
+            self._preempt(seq)
+        self.running.clear()
+
     def observe_decode(self, seconds_per_step: float) -> None:
         """A decode step's time as measured (a moving average: one slow step is noise)."""
         previous = self.step_seconds or seconds_per_step

@@ -25,6 +25,8 @@ SIGTERM_GRACE_S = 15.0
 
 
 class TorchrunGroup(WorkerGroup):
+    restartable = False  # the job exits non-zero, and torchrun's --max-restarts restarts it
+
     def start(self) -> None:
         from tp_engine.worker.distributed import share_string
 

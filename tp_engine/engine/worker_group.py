@@ -101,6 +101,25 @@ class WorkerGroup:
         self.ready: dict[int, wire.Ready] = {}
         self.shutdown_sent = False
 
+    restartable = True  # a torchrun group's ranks are torchrun's to restart
+
+    def restart(self) -> None:
+        """A fresh group in place of this one, on the same socket: every rank reaped (the
+        survivors of a death too), the rendezvous file removed, the ranks started again and
+        READY. Raises as start-up does when the new group fails to load."""
+        self.reap(Deadline(self.config.terminate_timeout), grace=False)
+        for proc in self.procs:
+            if proc.exitcode is not None:
+                proc.close()
+        self.procs, self.ready, self.shutdown_sent = [], {}, False
+        store = os.path.join(self.ipc_dir, "store")
+        if os.path.exists(store):
+            os.remove(store)
+        while self.router.poll(0):  # what the dead group said last is nobody's news now
+            self.recv()
+        self.start()
+        self.wait_ready(self.config.startup_timeout)
+
     def start(self) -> None:
         ctx = _context(self.config.start_method)
         init_method = f"file://{os.path.join(self.ipc_dir, 'store')}"

@@ -48,6 +48,7 @@ class _EngineCollector(Collector):
             yield GaugeMetricFamily(f"tp_engine_{name}", doc, value=value)
         for name, doc in (("preemptions", "Sequences preempted"),
                           ("steps", "Model steps the workers ran"),
+                          ("restarts", "Worker groups restarted after a worker died"),
                           ("model_seconds", "Rank 0's time in the model (forward, LM head, "
                                             "sampling)")):
             yield CounterMetricFamily(f"tp_engine_{name}", doc, value=stats[name])
