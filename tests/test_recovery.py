@@ -92,6 +92,25 @@ def test_three_kills_in_a_row_at_random_moments(tiny_model, undisturbed):
         assert engine.restarts == 3
 
 
+def test_a_sigstopped_worker_is_caught_by_the_step_timeout_and_survived(tiny_model,
+                                                                        undisturbed):
+    with Engine(tiny_model, tensor_parallel_size=2, device="cpu", dtype="float32",
+                decode_steps=4, step_timeout=1.5) as engine:
+        thread, result = generate_in_background(engine, GREEDY)
+        wait_for_tokens(engine, 6)
+        assert thread.is_alive()
+        stopped = engine.worker_pids[1]
+        began = time.monotonic()
+        os.kill(stopped, signal.SIGSTOP)
+        thread.join(60)
+        assert "error" not in result, result.get("error")
+        assert [o.token_ids for o in result["outputs"]] == undisturbed["greedy"]
+        assert engine.restarts == 1 and stopped not in engine.worker_pids
+        assert time.monotonic() - began < 10
+    assert not psutil.pid_exists(stopped) or \
+        psutil.Process(stopped).status() == psutil.STATUS_ZOMBIE
+
+
 def test_a_group_that_cannot_start_again_ends_in_an_error(tiny_model, tmp_path):
     """The checkpoint is removed once the engine runs: every new group fails to load, each
     try counts, and after max_restarts the callers get the error; terminate() cleans up."""

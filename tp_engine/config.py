@@ -58,6 +58,9 @@ class EngineConfig:
     max_restarts: int = field(default=3, metadata={
         "help": "times the engine restarts its worker group after a worker dies, recomputing "
                 "the requests in flight (0: fail-stop); not under torchrun"})
+    step_timeout: float | None = field(default=120.0, metadata={
+        "help": "seconds a step may take before its workers count as hung: killed, and "
+                "restarted as after a death (null in a --config file: no limit)"})
     gpu_memory_utilization: float = field(default=0.85, metadata={
         "help": "share of a GPU's free memory the KV cache may take"})
     seed: int = field(default=0, metadata={"help": "seed of the sampler"})
@@ -89,6 +92,8 @@ class EngineConfig:
                      "block_size", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.step_timeout is not None and self.step_timeout <= 0:
+            raise ValueError(f"step_timeout must be positive or None, got {self.step_timeout}")
         if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
             raise ValueError(f"max_restarts must be a non-negative integer, "
                              f"got {self.max_restarts!r}")

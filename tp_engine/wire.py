@@ -290,6 +290,16 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_state(pid: int | None) -> str:
+    """The state letter of /proc/PID/stat (T: stopped, Z: a zombie), or "" where it cannot
+    be read (gone, or not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def control_endpoint(ipc_dir: str, host: str | None = None) -> str:
     """Where the controller binds: a socket file in the private directory, or TCP on `host`
     with a port the OS picks (loopback unless an interface is named)."""

@@ -1,7 +1,7 @@
 """`tp-engine bench lifecycle`: the cost of every lifecycle step of a TP engine (default TP=2):
 a cold start, a second engine in the same process, terminate() idle and with requests in
-flight, a worker's SIGKILL until the caller's WorkerDiedError, a controller's SIGKILL until no
-worker is left."""
+flight, a worker's SIGKILL until the caller's WorkerDiedError (fail-stop) and until a stream's
+next token (the group restarted), a controller's SIGKILL until no worker is left."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 from tp_engine.bench import common, lifecycle_proc
 
 TARGETS_MS = {"cold": 2000, "warm": 500, "terminate idle": 100, "terminate busy": 200,
-              "worker kill": 100, "controller kill": 500}
+              "worker kill": 100, "worker restart": 1000, "controller kill": 500}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,6 +94,29 @@ def worker_kill(kwargs: dict, runs: int) -> list[float]:
     return seconds
 
 
+def worker_restart(kwargs: dict, runs: int) -> list[float]:
+    """Seconds from SIGKILL of a worker until a streaming request's next token, which the
+    engine makes after restarting the group and recomputing the request (one engine, a kill a
+    run, rank 1 and rank 0 in turn). Run by lifecycle_proc in a controller of its own."""
+    from tp_engine import Engine, SamplingParams
+    from tp_engine.engine.request import SyncSink
+
+    seconds = []
+    params = SamplingParams(max_tokens=100_000, temperature=0, ignore_eos=True)
+    with Engine(**{**kwargs, "max_restarts": runs}) as engine:
+        for run in range(runs):
+            state = engine.core.submit([5, 6, 7], params, SyncSink(), stream=True)
+            _first_token(state)
+            state.take()
+            start = time.perf_counter()
+            os.kill(engine.worker_pids[(run + 1) % len(engine.worker_pids)], signal.SIGKILL)
+            while not state.get().token_ids:
+                pass
+            seconds.append(time.perf_counter() - start)
+            engine.core.abort(state)
+    return seconds
+
+
 def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
     kwargs = {"tensor_parallel_size": 2, **engine_kwargs}
     results: dict[str, list[float]] = {"cold": [], "import": [], "controller kill": []}
@@ -103,6 +126,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
         results["cold"].append(ready)
     results.update(warm_and_terminate(kwargs, args.runs, args.in_flight))
     results["worker kill"] = lifecycle_proc.worker_kill(kwargs, args.runs)
+    results["worker restart"] = lifecycle_proc.worker_kill(kwargs, args.runs, "worker-restart")
     for _ in range(args.process_runs):
         results["controller kill"].append(lifecycle_proc.controller_kill(kwargs))
     tp = kwargs["tensor_parallel_size"]
@@ -112,7 +136,8 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
         "warm": f"Engine(tp={tp}) ready, a later engine in the same process",
         "terminate idle": "terminate(), idle",
         "terminate busy": f"terminate() with {args.in_flight} requests in flight",
-        "worker kill": "worker SIGKILL -> WorkerDiedError in the caller",
+        "worker kill": "worker SIGKILL -> WorkerDiedError in the caller (max_restarts=0)",
+        "worker restart": "worker SIGKILL -> a stream's next token, after the restart",
         "controller kill": "controller SIGKILL -> no worker left",
     }
     rows = []

@@ -21,16 +21,19 @@ import sys
 import tempfile
 import time
 
+from tp_engine import wire
+
 CHILD = ("import time; start = time.perf_counter(); import sys, json; "
          "from tp_engine.bench.lifecycle_proc import _child; "
          "_child(json.loads(sys.argv[1]), sys.argv[2], start, *sys.argv[3:])")
 
 
 def _child(kwargs: dict, mode: str, start: float, runs: str = "1") -> None:
-    if mode == "worker-kill":
-        from tp_engine.bench.lifecycle import worker_kill
+    if mode in ("worker-kill", "worker-restart"):
+        from tp_engine.bench import lifecycle
 
-        print(json.dumps({"seconds": worker_kill(kwargs, int(runs))}), flush=True)
+        measure = lifecycle.worker_kill if mode == "worker-kill" else lifecycle.worker_restart
+        print(json.dumps({"seconds": measure(kwargs, int(runs))}), flush=True)
         return
     from tp_engine import Engine, SamplingParams
 
@@ -79,14 +82,15 @@ def cold_start(kwargs: dict) -> tuple[float, float]:
     return info["import_s"], info["ready_s"]
 
 
-def worker_kill(kwargs: dict, runs: int) -> list[float]:
-    """lifecycle.worker_kill, in a controller of its own whose stderr is kept out of sight."""
+def worker_kill(kwargs: dict, runs: int, mode: str = "worker-kill") -> list[float]:
+    """lifecycle.worker_kill (or worker_restart, with mode "worker-restart"), in a controller
+    of its own whose stderr is kept out of sight."""
     with _stderr_file() as stderr:
-        proc, info = _spawn(kwargs, "worker-kill", str(runs), stderr=stderr)
+        proc, info = _spawn(kwargs, mode, str(runs), stderr=stderr)
         proc.wait(timeout=60)
         seconds = info["seconds"]
         if proc.returncode != 0 or float("inf") in seconds:  # a death was missed: say why
-            sys.stderr.write(f"worker kill: exit {proc.returncode}{_tail(stderr)}\n")
+            sys.stderr.write(f"{mode}: exit {proc.returncode}{_tail(stderr)}\n")
     return seconds
 
 
@@ -111,8 +115,4 @@ def controller_kill(kwargs: dict, timeout: float = 10.0) -> float:
 
 def _running(pid: int) -> bool:
     """Alive and not a zombie (an exited worker whose parent has not reaped it yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    return wire.process_state(pid) not in ("", "Z")

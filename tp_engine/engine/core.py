@@ -80,7 +80,7 @@ class EngineCore:
         self._resources.acquired("stream-back thread",
                                  lambda d: self.stream_back.join(d.left()))
         self.loop = RequestLoop(group, self.scheduler, self.stream_back, cfg.max_model_len,
-                                self._on_failure, cfg.max_restarts)
+                                self._on_failure, cfg.max_restarts, cfg.step_timeout)
         self.loop.start()
         self._resources.acquired("request loop", self._release_loop)
 

@@ -47,7 +47,7 @@ class InFlight:
 class RequestLoop:
     def __init__(self, group: WorkerGroup, scheduler: Scheduler, stream_back: StreamBack,
                  max_model_len: int, on_failure: Callable[[EngineError], None],
-                 max_restarts: int = 0):
+                 max_restarts: int = 0, step_timeout: float | None = None):
         self.group = group
         self.scheduler = scheduler
         self.stream_back = stream_back
@@ -55,6 +55,8 @@ class RequestLoop:
         self.on_failure = on_failure
         self.max_restarts = max_restarts
         self.restarts = 0           # worker groups started after a death
+        self.restarting = False     # a new group is starting (the server's /health says so)
+        self.step_timeout = step_timeout
         self.seqs: dict[int, Sequence] = {}
         self.steps = 0              # steps the workers ran (a run of decode steps counts each)
         self.model_seconds = 0.0    # and rank 0's time in the model for them
@@ -133,6 +135,7 @@ class RequestLoop:
         if not self.group.restartable or self.restarts >= self.max_restarts:
             raise error
         began = time.perf_counter()
+        self.restarting = True
         for sentinel in self.group.sentinels:  # closed with their processes
             self._poller.unregister(sentinel)
         for seq in self.seqs.values():
@@ -152,6 +155,7 @@ class RequestLoop:
                 error = e
         for sentinel in self.group.sentinels:
             self._poller.register(sentinel, zmq.POLLIN)
+        self.restarting = False
         log.warning("worker group restarted in %.2f s; %d requests recomputed",
                     time.perf_counter() - began, len(self.seqs))
 
@@ -256,8 +260,14 @@ class RequestLoop:
         """Sleep until `step` is done (or, with None, until anything happens); hand on the
         tokens of its steps that come while it runs."""
         step_id = step.step_id if step is not None else None
+        # the step is the oldest in flight from here: its time is its own
+        hung_at = None if step is None or self.step_timeout is None else \
+            time.monotonic() + self.step_timeout
         while True:
-            events = dict(self._poller.poll())
+            wait = None if hung_at is None else max(0, int((hung_at - time.monotonic()) * 1000))
+            events = dict(self._poller.poll(wait))
+            if not events and hung_at is not None and time.monotonic() >= hung_at:
+                raise self._hung(step_id)
             fired = [s for s in self.group.sentinels if s in events]
             if fired:
                 raise self.group.died(fired[0])
@@ -275,6 +285,18 @@ class RequestLoop:
                     raise self._step_failure(msg)
             if step_id is None:
                 return None
+
+    def _hung(self, step_id: int) -> WorkerDiedError:
+        """A step past step_timeout: the group is killed (own pids) and counts as dead,
+        naming a stopped rank if there is one (the others wait for it in a collective)."""
+        stopped = [rank for rank, proc in enumerate(self.group.procs)
+                   if wire.process_state(proc.pid) in ("T", "t")]
+        for proc in self.group.procs:
+            if proc.is_alive():
+                proc.kill()
+        rank = stopped[0] if stopped else 0
+        return WorkerDiedError(rank, None, f"step {step_id} took over {self.step_timeout:g} s "
+                                           "(step_timeout): killed as hung")
 
     def _step_failure(self, msg: wire.StepFailed) -> EngineError:
         """A rank whose peer died fails its collective at the moment the peer dies, often
@@ -341,3 +363,4 @@ class RequestLoop:
         """The prompt logprobs a step made, for the sequences still there."""
         return [SeqOutput(seqs[index].seq_id, [], None, prompt_logprobs=entries)
                 for index, _, entries in made if self.seqs.get(seqs[index].seq_id)]
+

@@ -51,9 +51,11 @@ class ServerState:
     @property
     def health(self) -> str:
         """The phase as /health reports it: an engine that died mid-run is "failed"."""
-        if self.phase == "serving" and self.engine is not None and \
-                self.engine.state != "running":
-            return "failed"
+        if self.phase == "serving" and self.engine is not None:
+            if self.engine.state != "running":
+                return "failed"
+            if self.engine.core.loop.restarting:  # a worker died: a new group is starting
+                return "restarting"
         return self.phase
 
     def stats(self) -> dict[str, float] | None:
