@@ -9,5 +9,5 @@ shift 3
 : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0}"
 exec torchrun --nnodes "${NNODES:-2}" --node-rank "${NODE_RANK:?set NODE_RANK}" \
     --nproc-per-node "${NPROC:-1}" --master-addr "$MASTER_ADDR" \
-    --master-port "${MASTER_PORT:-29500}" \
+    --master-port "${MASTER_PORT:-29500}" --max-restarts "${MAX_RESTARTS:-3}" \
     -m tp_engine batch "$model" -i "$input" -o "$output" "$@"

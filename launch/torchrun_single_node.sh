@@ -10,5 +10,6 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 else
     nproc=${NPROC:-2}
 fi
-exec torchrun --standalone --nproc-per-node "$nproc" \
+# a rank that dies fails the job; torchrun then starts every rank again and the batch resumes
+exec torchrun --standalone --nproc-per-node "$nproc" --max-restarts "${MAX_RESTARTS:-3}" \
     -m tp_engine batch "$model" -i "$input" -o "$output" "$@"

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from tp_engine import Engine, SamplingParams
-from tp_engine.errors import EngineError
+from tp_engine.errors import WorkerDiedError
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -113,7 +113,8 @@ def test_a_sigstopped_worker_is_caught_by_the_step_timeout_and_survived(tiny_mod
 
 def test_a_group_that_cannot_start_again_ends_in_an_error(tiny_model, tmp_path):
     """The checkpoint is removed once the engine runs: every new group fails to load, each
-    try counts, and after max_restarts the callers get the error; terminate() cleans up."""
+    try counts, and after max_restarts the callers get the death's WorkerDiedError (with the
+    last load error); terminate() cleans up."""
     model = shutil.copytree(tiny_model, tmp_path / "model")
     engine = Engine(str(model), tensor_parallel_size=2, device="cpu", max_restarts=2)
     pids = engine.worker_pids
@@ -125,10 +126,12 @@ def test_a_group_that_cannot_start_again_ends_in_an_error(tiny_model, tmp_path):
         began = time.monotonic()
         os.kill(pids[0], signal.SIGKILL)
         thread.join(60)
-        assert isinstance(result.get("error"), EngineError), result
+        error = result.get("error")
+        assert isinstance(error, WorkerDiedError) and error.rank == 0, result
+        assert "2 restarts failed" in str(error) and "failed to load" in str(error)
         assert time.monotonic() - began < 30
         assert engine.restarts == 2 and engine.state == "failed"
-        with pytest.raises(EngineError):
+        with pytest.raises(WorkerDiedError):
             engine.generate("hello", GREEDY)
         last = engine.worker_pids
     finally:

@@ -134,7 +134,7 @@ class RequestLoop:
         `max_restarts` are spent, the death is the engine's failure."""
         if not self.group.restartable or self.restarts >= self.max_restarts:
             raise error
-        began = time.perf_counter()
+        began, death = time.perf_counter(), error
         self.restarting = True
         for sentinel in self.group.sentinels:  # closed with their processes
             self._poller.unregister(sentinel)
@@ -151,7 +151,9 @@ class RequestLoop:
                 break
             except EngineError as e:  # the new group failed to start: that counts too
                 if self.restarts >= self.max_restarts or self._stopping:
-                    raise
+                    raise WorkerDiedError(death.rank, death.exitcode, f"{death.detail}; "
+                                          f"{self.restarts} restarts failed, the last: {e}"
+                                          .lstrip("; ")) from e
                 error = e
         for sentinel in self.group.sentinels:
             self._poller.register(sentinel, zmq.POLLIN)
