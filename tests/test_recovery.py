@@ -111,6 +111,29 @@ def test_a_sigstopped_worker_is_caught_by_the_step_timeout_and_survived(tiny_mod
         psutil.Process(stopped).status() == psutil.STATUS_ZOMBIE
 
 
+def test_a_step_that_fails_on_a_rank_restarts_the_group(llm, undisturbed):
+    """A rank that reports a failed step (here a StepFailed frame sent to the control socket,
+    as a worker sends it) is restarted with its group, as a death is."""
+    import zmq
+
+    from tp_engine import wire
+
+    before = llm.restarts
+    thread, result = generate_in_background(llm, GREEDY)
+    wait_for_tokens(llm, llm.core.loop.steps + 4)
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(llm.core.group.endpoint)
+    rogue.send(wire.encode(wire.StepFailed(rank=1, step_id=0, error="RuntimeError: boom")))
+    thread.join(60)
+    rogue.close()
+    ctx.term()
+    assert "error" not in result, result.get("error")
+    assert [o.token_ids for o in result["outputs"]] == undisturbed["greedy"]
+    assert llm.restarts == before + 1
+
+
 def test_a_group_that_cannot_start_again_ends_in_an_error(tiny_model, tmp_path):
     """The checkpoint is removed once the engine runs: every new group fails to load, each
     try counts, and after max_restarts the callers get the death's WorkerDiedError (with the

@@ -307,7 +307,13 @@ class RequestLoop:
         dead = self.group.dead()
         if dead:
             return WorkerDiedError(*dead[0])
-        return EngineError(f"worker rank {msg.rank} failed step {msg.step_id}: {msg.error}")
+        failure = f"failed step {msg.step_id}: {msg.error}"
+        if self.group.restartable and self.restarts < self.max_restarts:
+            for proc in self.group.procs:  # its peers wait in a collective: restart them all
+                if proc.is_alive():
+                    proc.kill()
+            return WorkerDiedError(msg.rank, None, f"{failure}; the group is restarted")
+        return EngineError(f"worker rank {msg.rank} {failure}")
 
     def _step_tokens(self, step: InFlight, msg: wire.StepTokens) -> None:
         """One step of a run, streamed as it is made: sequence i's token is the i-th."""
