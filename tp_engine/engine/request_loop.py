@@ -2,8 +2,8 @@
 
 It sleeps in a single poll on the control socket, a waker that callers ring, and the worker
 processes' sentinels, so a new request starts at once, an idle engine burns no CPU, and a dead
-worker is seen the moment it dies. It alone uses the control socket while it runs; its last act
-is to broadcast SHUTDOWN."""
+worker is seen the moment it dies (engine/recovery decides what the death becomes). It alone
+uses the control socket while it runs; its last act is to broadcast SHUTDOWN."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import wait as wait_any
 
 import zmq
 
 from tp_engine import wire
+from tp_engine.engine.recovery import Recovery
 from tp_engine.engine.scheduler import Scheduler, Sequence, sequence_setup
 from tp_engine.engine.stream_back import Failure, SeqOutput, StepOutputs, StreamBack
 from tp_engine.engine.waker import Waker
@@ -27,7 +27,6 @@ from tp_engine.engine.worker_group import WorkerGroup
 from tp_engine.errors import EngineError, EngineTerminatedError, WorkerDiedError
 
 log = logging.getLogger("tp_engine.request_loop")
-DEATH_NOTICE_S = 0.5
 
 
 class _Stopping(Exception):
@@ -53,10 +52,7 @@ class RequestLoop:
         self.stream_back = stream_back
         self.max_model_len = max_model_len
         self.on_failure = on_failure
-        self.max_restarts = max_restarts
-        self.restarts = 0           # worker groups started after a death
-        self.restarting = False     # a new group is starting (the server's /health says so)
-        self.step_timeout = step_timeout
+        self.recovery = Recovery(group, max_restarts, step_timeout)  # what a failure becomes
         self.seqs: dict[int, Sequence] = {}
         self.steps = 0              # steps the workers ran (a run of decode steps counts each)
         self.model_seconds = 0.0    # and rank 0's time in the model for them
@@ -126,38 +122,31 @@ class RequestLoop:
             except WorkerDiedError as error:
                 self._restart(error)
 
+    @property
+    def restarts(self) -> int:
+        return self.recovery.restarts
+
+    @property
+    def restarting(self) -> bool:
+        return self.recovery.restarting
+
     def _restart(self, error: WorkerDiedError) -> None:
         """A fresh worker group, and every sequence recomputed from its tokens as after a
         preemption: the steps in flight are dropped (their tokens were never applied, and are
         drawn again, the same for greedy and seeded sampling), rank 0 rebuilds each state
-        from the tokens. A group that dies while starting counts as a restart too; once
-        `max_restarts` are spent, the death is the engine's failure."""
-        if not self.group.restartable or self.restarts >= self.max_restarts:
+        from the tokens."""
+        if not self.recovery.can_restart:
             raise error
-        began, death = time.perf_counter(), error
-        self.restarting = True
+        began = time.perf_counter()
         for sentinel in self.group.sentinels:  # closed with their processes
             self._poller.unregister(sentinel)
         for seq in self.seqs.values():
             seq.pending = 0
         self.scheduler.requeue_all()
         self._releases.clear()  # the new group has no states to drop
-        while True:
-            self.restarts += 1
-            log.error("%s: restarting the worker group (%d of %d)", error, self.restarts,
-                      self.max_restarts)
-            try:
-                self.group.restart()
-                break
-            except EngineError as e:  # the new group failed to start: that counts too
-                if self.restarts >= self.max_restarts or self._stopping:
-                    raise WorkerDiedError(death.rank, death.exitcode, f"{death.detail}; "
-                                          f"{self.restarts} restarts failed, the last: {e}"
-                                          .lstrip("; ")) from e
-                error = e
+        self.recovery.restart(error, lambda: self._stopping)
         for sentinel in self.group.sentinels:
             self._poller.register(sentinel, zmq.POLLIN)
-        self.restarting = False
         log.warning("worker group restarted in %.2f s; %d requests recomputed",
                     time.perf_counter() - began, len(self.seqs))
 
@@ -263,13 +252,13 @@ class RequestLoop:
         tokens of its steps that come while it runs."""
         step_id = step.step_id if step is not None else None
         # the step is the oldest in flight from here: its time is its own
-        hung_at = None if step is None or self.step_timeout is None else \
-            time.monotonic() + self.step_timeout
+        timeout = self.recovery.step_timeout
+        hung_at = None if step is None or timeout is None else time.monotonic() + timeout
         while True:
             wait = None if hung_at is None else max(0, int((hung_at - time.monotonic()) * 1000))
             events = dict(self._poller.poll(wait))
             if not events and hung_at is not None and time.monotonic() >= hung_at:
-                raise self._hung(step_id)
+                raise self.recovery.hung(step_id)
             fired = [s for s in self.group.sentinels if s in events]
             if fired:
                 raise self.group.died(fired[0])
@@ -284,36 +273,9 @@ class RequestLoop:
                 if isinstance(msg, wire.StepTokens) and msg.step_id == step_id:
                     self._step_tokens(step, msg)
                 if isinstance(msg, wire.StepFailed):
-                    raise self._step_failure(msg)
+                    raise self.recovery.step_failure(msg)
             if step_id is None:
                 return None
-
-    def _hung(self, step_id: int) -> WorkerDiedError:
-        """A step past step_timeout: the group is killed (own pids) and counts as dead,
-        naming a stopped rank if there is one (the others wait for it in a collective)."""
-        stopped = [rank for rank, proc in enumerate(self.group.procs)
-                   if wire.process_state(proc.pid) in ("T", "t")]
-        for proc in self.group.procs:
-            if proc.is_alive():
-                proc.kill()
-        rank = stopped[0] if stopped else 0
-        return WorkerDiedError(rank, None, f"step {step_id} took over {self.step_timeout:g} s "
-                                           "(step_timeout): killed as hung")
-
-    def _step_failure(self, msg: wire.StepFailed) -> EngineError:
-        """A rank whose peer died fails its collective at the moment the peer dies, often
-        before the death's sentinel is seen: wait briefly for it, and name the dead one."""
-        wait_any(self.group.sentinels, timeout=DEATH_NOTICE_S)
-        dead = self.group.dead()
-        if dead:
-            return WorkerDiedError(*dead[0])
-        failure = f"failed step {msg.step_id}: {msg.error}"
-        if self.group.restartable and self.restarts < self.max_restarts:
-            for proc in self.group.procs:  # its peers wait in a collective: restart them all
-                if proc.is_alive():
-                    proc.kill()
-            return WorkerDiedError(msg.rank, None, f"{failure}; the group is restarted")
-        return EngineError(f"worker rank {msg.rank} {failure}")
 
     def _step_tokens(self, step: InFlight, msg: wire.StepTokens) -> None:
         """One step of a run, streamed as it is made: sequence i's token is the i-th."""
