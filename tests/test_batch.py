@@ -153,36 +153,6 @@ def test_sigterm_under_torchrun_keeps_what_finished_and_a_rerun_completes(
     assert results(out) == expect
 
 
-@pytest.mark.timeout(150)
-def test_a_rank_sigkilled_under_torchrun_is_restarted_by_torchrun_and_resumes(
-        tiny_model, reference, tmp_path):
-    """Under torchrun the engine restarts no rank itself: the job fails, torchrun's
-    --max-restarts starts every rank again, and the batch resumes: each custom_id once."""
-    inp, expect = reference
-    out = tmp_path / "out.jsonl"
-    cmd = [*torchrun_cmd("--nproc-per-node", "2", "--max-restarts", "1", "--master-port",
-                         str(free_port())),
-           *batch_cmd(tiny_model, inp, out, "--max-in-flight", "2")[3:]]
-    job = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not out.exists() or out.stat().st_size == 0):
-            time.sleep(0.05)
-        rank1 = [p for p in psutil.Process(job.pid).children(recursive=True)
-                 if p.environ().get("RANK") == "1" and "tp_engine" in " ".join(p.cmdline())]
-        assert rank1, "rank 1 not found"
-        done_before = len(results(out))
-        rank1[0].kill()
-        _, stderr = job.communicate(timeout=120)
-        assert job.returncode == 0, stderr.decode()[-3000:]
-    finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-    assert done_before < len(expect), "the job was done before the kill: the test shows nothing"
-    assert results(out) == expect
-
-
 @pytest.mark.timeout(90)
 def test_sigterm_exits_with_the_preempted_code(tiny_model, reference, tmp_path):
     inp, expect = reference
