@@ -91,7 +91,7 @@ class SequenceSetup(NamedTuple):
     logprobs: int         # top alternatives per output token; -1: none
     prompt_logprobs: int  # the same for the prompt's tokens; -1: none
     grammar: list         # [kind, text] (see SamplingParams.grammar), or []
-    prompt: bytes         # int32 token ids: the prompt (for repetition and prompt logprobs)
+    prompt: bytes         # int32 token ids: the prompt, for repetition and prompt logprobs only
     output: bytes         # int32 token ids produced so far
 
 
@@ -145,7 +145,7 @@ class StepDone(Message):
     steps, sequence i's decode_steps[i] tokens together); and the steps it ran and the seconds
     they spent in the model (forward, LM head, sampling), for metrics and benchmarks.
     `logprobs` is empty, or one TokenLogprobs (None for a sequence that asked none) for each
-    token of `token_ids`; `prompt_logprobs` lists [sequence index, first position, [one
+    token of `token_ids`; `prompt_logprobs` lists [sequence index, [one
     TokenLogprobs per position]] for the step's logit_rows."""
     tag: ClassVar[int] = 4
     step_id: int

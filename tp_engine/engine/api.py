@@ -118,8 +118,7 @@ class Engine(EngineFront):
             bar = tqdm(total=len(requests), desc="generate", disable=not use_tqdm)
             outputs = []
             for samples, p in zip(requests, params):
-                results = [state.result() for state in samples]
-                outputs.append(results[0] if len(results) == 1 else merge_samples(results, p))
+                outputs.append(merge_samples([state.result() for state in samples], p))
                 bar.update(1)
             bar.close()
             return outputs
@@ -148,8 +147,7 @@ class AsyncEngine(EngineFront):
                 for delta in deltas:
                     if delta.error is not None:
                         raise delta.error
-                outputs = [state.output for state in states]
-                yield outputs[0] if len(states) == 1 else merge_samples(outputs, params)
+                yield merge_samples([state.output for state in states], params)
                 if all(state.output.finished for state in states):
                     return
         finally:

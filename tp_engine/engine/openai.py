@@ -57,20 +57,31 @@ class PreparedRequest:
     tools: list[dict] | None = None
     tool_choice: Any = None
 
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
     def choice_index(self, sample: int) -> int:
         return self.index * self.params.n + sample
 
     def choices(self, core, out: RequestOutput) -> list[ChatChoice | CompletionChoice]:
         """The finished request's choices, one per sample kept."""
-        samples = out.outputs if not out.samples else out.samples
-        return [self._choice(core, out, sample) for sample in samples]
+        return [self._choice(core, out, sample) for sample in out.outputs]
+
+    def _echoed(self, core, text: str, ids: list[int], entries: list | None,
+                prompt_logprobs: list | None) -> tuple[str, list[int], list | None]:
+        """Completions' echo: the prompt, and its logprobs when shown, before the output's."""
+        text = (self.prompt or core.tokenizer.decode(self.prompt_ids)) + text
+        if entries is not None and prompt_logprobs is not None:
+            ids, entries = self.prompt_ids + ids, prompt_logprobs + entries
+        return text, ids, entries
 
     def _choice(self, core, out: RequestOutput, sample: CompletionOutput):
         index = self.choice_index(sample.index)
         fmt = LogprobsFormat(core.tokenizer, self.logprobs or 0)
         if self.kind == "chat":
             content, calls, reason = sample.text, None, sample.finish_reason
-            if self.tools and self.tool_choice != "none":
+            if self.uses_tools:
                 content, found = tool_calls.parse_output(sample.text, self.tools,
                                                          self.tool_choice)
                 if found:
@@ -79,15 +90,12 @@ class PreparedRequest:
             if self.logprobs is not None and sample.logprobs is not None:
                 logprobs = fmt.chat(sample.token_ids, sample.logprobs)
             return ChatChoice(index, ChatMessage(content, tool_calls=calls), reason, logprobs)
-        text, logprobs = sample.text, None
+        shown = sample.logprobs if self.logprobs is not None else None
+        text, ids, entries = sample.text, sample.token_ids, shown
         if self.echo:
-            text = (self.prompt or core.tokenizer.decode(self.prompt_ids)) + text
-        if self.logprobs is not None and sample.logprobs is not None:
-            ids, entries = sample.token_ids, sample.logprobs
-            if self.echo and out.prompt_logprobs is not None:
-                ids, entries = self.prompt_ids + ids, out.prompt_logprobs + entries
-            logprobs = fmt.completion(ids, entries)
-        return CompletionChoice(index, text, sample.finish_reason, logprobs)
+            text, ids, entries = self._echoed(core, text, ids, entries, out.prompt_logprobs)
+        return CompletionChoice(index, text, sample.finish_reason,
+                                None if entries is None else fmt.completion(ids, entries))
 
     def chunk_choice(self, core, state: RequestState, sample: int, delta: Delta, first: bool):
         """A streamed chunk's choice for one sample's delta."""
@@ -99,13 +107,12 @@ class PreparedRequest:
             return ChatChunkChoice(index, ChoiceDelta(content=delta.text,
                                                       role="assistant" if first else None),
                                    delta.finish_reason, logprobs)
-        text, ids, entries = delta.text, delta.token_ids, delta.logprobs
+        text, ids, entries = delta.text, delta.token_ids, delta.logprobs if show else None
         if first and self.echo:
-            text = (self.prompt or core.tokenizer.decode(self.prompt_ids)) + text
-            if show and state.output.prompt_logprobs is not None:
-                ids, entries = self.prompt_ids + ids, state.output.prompt_logprobs + entries
+            text, ids, entries = self._echoed(core, text, ids, entries,
+                                              state.output.prompt_logprobs)
         return CompletionChoice(index, text, delta.finish_reason,
-                                fmt.completion(ids, entries) if show else None)
+                                None if entries is None else fmt.completion(ids, entries))
 
     def chunk(self, choices: list, usage: Usage | None = None):
         if self.kind == "chat":
@@ -114,28 +121,32 @@ class PreparedRequest:
         return Completion(self.request_id, self.model, choices=choices, usage=usage)
 
 
-def response(core, requests: list[PreparedRequest], outputs: list[RequestOutput],
-             states: list[RequestState]):
-    """The whole response: every prompt's choices in order, the usage summed."""
+def response(core, requests: list[PreparedRequest], states: list[list[RequestState]]):
+    """The whole response of finished requests: every prompt's choices in order (its samples
+    merged, see merge_samples), the usage summed."""
     first = requests[0]
-    choices = [c for r, out in zip(requests, outputs) for c in r.choices(core, out)]
+    choices = [c for r, samples in zip(requests, states)
+               for c in r.choices(core, merge_samples([s.output for s in samples], r.params))]
     cls = ChatCompletion if first.kind == "chat" else Completion
-    return cls(first.request_id, first.model, choices=choices, usage=usage(requests, states))
+    flat = [s for samples in states for s in samples]
+    return cls(first.request_id, first.model, choices=choices, usage=usage(requests, flat))
 
 
 def prepare_chat(core, messages: list[dict], model: str | None, params: SamplingParams,
                  extra: dict[str, Any] | None = None) -> PreparedRequest:
     extra = extra or {}
     tools, choice = extra.get("tools"), extra.get("tool_choice")
-    shown = tools if tools and choice != "none" else None
+    request = PreparedRequest("chat", new_id("chatcmpl"), model or core.config.model, None, [],
+                              params, logprobs=params.logprobs, tools=tools, tool_choice=choice)
     template = core.tokenizer.chat_template
     source = template if isinstance(template, str) else str(template)
-    messages, template_tools = tool_calls.template_messages(messages, shown, source)
-    prompt = core.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                tools=template_tools)
-    ids = core.tokenizer.encode(prompt, add_special_tokens=False)  # the template has BOS
-    return PreparedRequest("chat", new_id("chatcmpl"), model or core.config.model, prompt, ids,
-                           params, logprobs=params.logprobs, tools=tools, tool_choice=choice)
+    messages, template_tools = tool_calls.template_messages(
+        messages, tools if request.uses_tools else None, source)
+    request.prompt = core.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                        tools=template_tools)
+    # the template has BOS
+    request.prompt_ids = core.tokenizer.encode(request.prompt, add_special_tokens=False)
+    return request
 
 
 def prepare_completion(core, prompt: str | list[int], model: str | None,
@@ -176,12 +187,6 @@ def check_stream(requests: list[PreparedRequest]) -> None:
         raise InvalidRequestError("best_of greater than n cannot be streamed")
 
 
-def outputs(requests: list[PreparedRequest],
-            results: list[list[RequestOutput]]) -> list[RequestOutput]:
-    return [res[0] if len(res) == 1 else merge_samples(res, r.params)
-            for r, res in zip(requests, results)]
-
-
 def run(core, requests: list[PreparedRequest], stream: bool, include_usage: bool):
     """The sync front's way: wait in this thread."""
     if stream:
@@ -192,8 +197,9 @@ def run(core, requests: list[PreparedRequest], stream: bool, include_usage: bool
         return ChunkStream(core, requests, states, sink, include_usage)
     flat = [s for samples in states for s in samples]
     try:
-        results = [[s.result() for s in samples] for samples in states]
-        return response(core, requests, outputs(requests, results), flat)
+        for state in flat:
+            state.result()
+        return response(core, requests, states)
     finally:
         for state in flat:
             if not state.finished:
@@ -210,8 +216,9 @@ async def run_async(core, requests: list[PreparedRequest], stream: bool, include
         return ChunkStream(core, requests, states, sink, include_usage)
     flat = [s for samples in states for s in samples]
     try:
-        results = [[await s.aresult() for s in samples] for samples in states]
-        return response(core, requests, outputs(requests, results), flat)
+        for state in flat:
+            await state.aresult()
+        return response(core, requests, states)
     finally:
         for state in flat:
             if not state.finished:

@@ -33,7 +33,7 @@ class ChunkStream:
         self._started: set[int] = set()
         self.include_usage = include_usage
         self.continuous_usage = continuous_usage  # vLLM's continuous_usage_stats
-        self._held = any(r.tools and r.tool_choice != "none" for r in requests)
+        self._held = any(r.uses_tools for r in requests)
         self._ready: deque = deque()
         self.done = False
 

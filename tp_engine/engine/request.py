@@ -64,8 +64,10 @@ class RequestOutput:
 def merge_samples(outputs: list[RequestOutput], params: SamplingParams) -> RequestOutput:
     """One request's samples as one output: with best_of, the n of highest cumulative logprob,
     best first (their logprobs dropped unless asked for); the top-level fields are the
-    first sample's."""
+    first sample's. A request of one sample is its output."""
     first = outputs[0]
+    if len(outputs) == 1:
+        return first
     samples = [CompletionOutput(i, o.text, o.token_ids, o.finish_reason, o.logprobs)
                for i, o in enumerate(outputs)]
     if params.best_of is not None and params.best_of > params.n:

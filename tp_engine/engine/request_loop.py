@@ -332,5 +332,5 @@ class RequestLoop:
     def _prompt_logprobs(self, seqs: list[Sequence], made: list) -> StepOutputs:
         """The prompt logprobs a step made, for the sequences still there."""
         return [SeqOutput(seqs[index].seq_id, [], None, prompt_logprobs=entries)
-                for index, _, entries in made if self.seqs.get(seqs[index].seq_id)]
+                for index, entries in made if self.seqs.get(seqs[index].seq_id)]
 

@@ -70,6 +70,7 @@ def sequence_setup(seq: Sequence) -> wire.SequenceSetup:
     p = seq.params
     bias = p.logit_bias or {}
     grammar = p.grammar
+    needs_prompt = p.repetition_penalty != 1 or p.prompt_logprobs is not None
     return wire.SequenceSetup(
         seq.seq_id, float(p.presence_penalty), float(p.frequency_penalty),
         float(p.repetition_penalty), p.min_tokens, list(bias), [float(v) for v in bias.values()],
@@ -77,7 +78,7 @@ def sequence_setup(seq: Sequence) -> wire.SequenceSetup:
         -1 if p.logprobs is None else p.logprobs,
         -1 if p.prompt_logprobs is None else p.prompt_logprobs,
         list(grammar) if grammar else [],
-        array("i", seq.token_ids[:seq.prompt_len]).tobytes(),
+        array("i", seq.token_ids[:seq.prompt_len] if needs_prompt else []).tobytes(),
         array("i", seq.token_ids[seq.prompt_len:]).tobytes())
 
 

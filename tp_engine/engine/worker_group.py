@@ -108,21 +108,23 @@ class WorkerGroup:
         survivors of a death too), the rendezvous file removed, the ranks started again and
         READY. Raises as start-up does when the new group fails to load."""
         self.reap(Deadline(self.config.terminate_timeout), grace=False)
-        for proc in self.procs:
-            if proc.exitcode is not None:
-                proc.close()
+        self._close_exited()
         self.procs, self.ready, self.shutdown_sent = [], {}, False
-        store = os.path.join(self.ipc_dir, "store")
-        if os.path.exists(store):
-            os.remove(store)
+        if os.path.exists(self.store):
+            os.remove(self.store)
         while self.router.poll(0):  # what the dead group said last is nobody's news now
             self.recv()
         self.start()
         self.wait_ready(self.config.startup_timeout)
 
+    @property
+    def store(self) -> str:
+        """The process group's rendezvous file."""
+        return os.path.join(self.ipc_dir, "store")
+
     def start(self) -> None:
         ctx = _context(self.config.start_method)
-        init_method = f"file://{os.path.join(self.ipc_dir, 'store')}"
+        init_method = f"file://{self.store}"
         for rank in range(self.size):
             reader, writer = ctx.Pipe(duplex=False)
             args = WorkerArgs(self.config, rank, self.size, self.endpoint, init_method,
@@ -224,6 +226,9 @@ class WorkerGroup:
     def close(self, deadline: Deadline | None = None) -> None:
         self.router.close(linger=0)
         self.ctx.term()
+        self._close_exited()
+
+    def _close_exited(self) -> None:
         for p in self.procs:
             if p.exitcode is not None:
                 p.close()

@@ -27,9 +27,8 @@ class SequenceState:
         self.logprobs, self.prompt_logprobs = setup.logprobs, setup.prompt_logprobs
         self.counts = None  # of each output token: frequency and presence penalties
         if setup.frequency_penalty or setup.presence_penalty:
-            self.counts = torch.zeros(vocab_size, device=device)
-            for token in output:
-                self.counts[token] += 1
+            self.counts = torch.bincount(torch.tensor(output, dtype=torch.long),
+                                         minlength=vocab_size).float().to(device)
         self.seen = None  # the tokens of the prompt and the output: repetition penalty
         if setup.repetition_penalty != 1:
             self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)

@@ -14,7 +14,6 @@ from typing import Any
 from tp_engine.engine.openai import (
     PreparedRequest,
     check_stream,
-    outputs,
     prepare_chat,
     prepare_completion,
     response,
@@ -137,9 +136,7 @@ class Job:
             self.stream.close()
         if self.aborted_by_server:
             raise unavailable("the server is shutting down: request aborted")
-        results = [[s.output for s in samples] for samples in self.samples]
-        return response(self.core, self.requests, outputs(self.requests, results),
-                        self.states).to_dict()
+        return response(self.core, self.requests, self.samples).to_dict()
 
 
 @contextmanager
