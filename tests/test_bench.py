@@ -27,17 +27,25 @@ def run_mode(capsys, *argv: str) -> str:
 
 def test_throughput(capsys, tiny_model):
     out = run_mode(capsys, "throughput", tiny_model, *TINY_RUN, "--requests", "4", "--runs", "1",
-                   "--prompt-len", "4,12", "--output-len", "2,6", "--hf-batch-sizes", "2")
-    assert "### throughput" in out and "| tp-engine TP=1 |" in out
+                   "--prompt-len", "4,12", "--output-len", "2,6", "--hf-batch-sizes", "2",
+                   "--shared-prefix", "32")
+    assert "### throughput" in out and "after a shared prefix of 32" in out
+    engine_row = next(line for line in out.splitlines() if line.startswith("| tp-engine TP=1 |"))
+    assert engine_row.split("|")[-2].strip() not in ("0%", "-")  # 3 of 4 find the prefix
     assert "transformers generate, batch 2" in out and "speed-up" in out
     assert "| torch |" in out and "| cores |" in out  # the machine is described
 
 
 def test_latency(capsys, tiny_model):
     out = run_mode(capsys, "latency", tiny_model, *TINY_RUN, "--concurrency", "1,2",
-                   "--requests-per-client", "1", "--prompt-len", "8", "--max-tokens", "4")
+                   "--requests-per-client", "1", "--prompt-len", "8", "--max-tokens", "4",
+                   "--shared-prefix", "32")
     assert "### latency" in out and "TTFT median ms" in out
-    assert out.count("\n| 1 |") == 1 and out.count("\n| 2 |") == 1
+    for side in ("on", "off"):
+        assert out.count(f"\n| 1 (cache {side}) |") == 1
+        assert out.count(f"\n| 2 (cache {side}) |") == 1
+    assert "\n| 1 (cache on) | 1 | " in out and "| 100% |" not in out  # the last block: computed
+    assert out.count("| 0% |") == 2  # the cache off
     assert "| 1 (transformers generate) |" in out
 
 

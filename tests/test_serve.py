@@ -375,6 +375,13 @@ def test_metrics(server):
     assert m["tp_engine_time_per_output_token_seconds_count"] > 0
     assert m["tp_engine_kv_blocks"] > 0 and m["tp_engine_requests_waiting"] == 0
     assert 'tp_engine_requests_rejected_total{status="400"}' in m
+    system = " ".join(["alpha beta gamma"] * 12)  # a shared prefix of a few full blocks
+    for question in ("one", "two"):
+        client.completions.create(model="tiny", prompt=f"{system} {question}", max_tokens=1)
+    after = server.metrics()
+    hits, queries = (f"tp_engine_prefix_cache_{name}_total" for name in ("hits", "queries"))
+    assert after[hits] >= m[hits] + 16 and after[queries] > after[hits]
+    assert 0 < after["tp_engine_prefix_cache_hit_rate"] < 1
 
 
 @pytest.mark.timeout(60)

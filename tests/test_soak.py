@@ -30,7 +30,9 @@ def run(model: str, requests: int) -> None:
         assert growth < 64 << 20, f"RSS grew by {growth >> 20} MiB"
         stats = engine.core.stats()
         assert stats["running"] == stats["waiting"] == stats["in_flight"] == 0
-        assert stats["kv_blocks_free"] == stats["kv_blocks"]
+        assert stats["kv_blocks_free"] == stats["kv_blocks"]  # cached prefixes included
+        assert stats["prefix_cache_hits"] > 0
+        engine.core.blocks.check()  # and no block held, each hash where it should be
 
 
 @pytest.mark.timeout(120)

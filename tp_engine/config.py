@@ -51,6 +51,8 @@ class EngineConfig:
     decode_run_seconds: float | None = field(default=0.1, metadata={
         "help": "longest run of decode steps, in seconds of the measured step time (null in "
                 "a --config file: decode_steps alone bounds it)"})
+    enable_prefix_caching: bool = field(default=True, metadata={
+        "help": "reuse the KV cache of prompt prefixes already computed (full blocks)"})
     num_kv_blocks: int | None = field(default=None, metadata={
         "help": "KV-cache blocks per worker (default: sized from the memory settings)"})
     kv_cache_memory_gb: float | None = field(default=None, metadata={

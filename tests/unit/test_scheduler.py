@@ -1,4 +1,5 @@
-"""The scheduler alone, no processes: how long its runs of decode steps are."""
+"""The scheduler alone, no processes: how long its runs of decode steps are, and what a
+worker restart does to the prefix cache."""
 
 from __future__ import annotations
 
@@ -66,3 +67,20 @@ def test_the_step_time_is_a_moving_average():
     scheduler, _ = decoding(step_seconds=0.01)
     scheduler.observe_decode(1.0)  # one slow step (a stall) moves it, but not all the way
     assert 0.01 < scheduler.step_seconds < 0.5
+
+
+def test_a_restart_requeues_everything_and_forgets_the_prefix_cache():
+    """The new workers' cache is empty: no sequence may start from a block named before."""
+    scheduler = Scheduler(BlockManager(16, 2, caching=True), 8, 256, 1024, 1)
+    prompt = [1, 2, 3, 4, 5]
+    first, second = (Sequence(i, list(prompt), 5, SamplingParams(max_tokens=4), 4)
+                     for i in range(2))
+    scheduler.add(first)
+    scheduler.add(second)
+    batch, _, _ = scheduler.schedule()
+    assert [n for _, n in batch] == [5, 1] and second.num_computed == 4  # shared blocks 0-1
+    scheduler.requeue_all()
+    assert scheduler.blocks.num_cached == 0 and scheduler.blocks.num_free == 16
+    batch, _, _ = scheduler.schedule()
+    assert [n for _, n in batch] == [5, 1]  # all recomputed, the second shares again
+    assert scheduler.prefix_hits == 8 and scheduler.prefix_queries == 20

@@ -8,8 +8,9 @@ change, `Sim.__init__` is where to follow). What it talks to is faked:
 - the workers (`FakeWorkers`) run each step the moment it is broadcast: the real ones run the
   steps in the order sent, so nothing scheduled later can touch the cache before it. They
   refuse what the real workers refuse (`ModelRunner.check`), fill in placeholders as they do
-  (`ModelRunner._token_ids`), and keep a KV cache that records, in each block slot, which
-  sequence's token at which position it holds;
+  (`ModelRunner._token_ids`), and keep a KV cache that records, in each block slot, the
+  position and the whole context up to it (what its keys and values depend on), so a block
+  shared through the prefix cache is checked to hold exactly what its reader's would;
 - a request's sampled tokens are fixed in advance by its "seed" (`Request.draws`), so a
   recomputed sequence draws the same ones again, as a seeded sampler does;
 - the clock is the number of steps done (a tick). Requests arrive, and are aborted, at given
@@ -25,7 +26,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -66,6 +67,10 @@ class Request:
         n = len(self.prompt)
         return self.prompt[position] if position < n else self.draws[position - n]
 
+    def context(self, position: int) -> tuple[int, ...]:
+        """Its tokens up to and with `position`: what the KV at that position depends on."""
+        return tuple(self.prompt + self.draws)[:position + 1]
+
     def limit(self, max_model_len: int) -> int:
         """The outputs it may have."""
         return min(self.max_tokens, max_model_len - len(self.prompt))
@@ -90,6 +95,7 @@ class Workload:
     decode_steps: int = 1
     run_seconds: float | None = None
     step_times: tuple[float, ...] = (0.001,)  # a decode step's model time, step after step
+    prefix_caching: bool = False
 
 
 def request(seq_id: int, prompt_len: int, max_tokens: int, seed: int = 0, **kw) -> Request:
@@ -106,23 +112,34 @@ def blocks_needed(req: Request, block_size: int, max_model_len: int) -> int:
 
 @st.composite
 def workloads(draw, aborts: bool = True, arrivals: bool = True, fits: bool = True,
-              max_requests: int = 8) -> Workload:
+              max_requests: int = 8, prefix_caching: bool = False) -> Workload:
     """Random requests over time, aborts among them, and an engine whose cache is barely big
     enough for the longest request (`fits`) or, without `fits`, only for each prompt (as the
-    engine requires), so that the cache, not the batch size, bounds what runs."""
+    engine requires), so that the cache, not the batch size, bounds what runs. With
+    `prefix_caching`, prompts start with one of two shared prefixes, and some are the same
+    prompt again (the samples of one request)."""
     block_size = draw(st.sampled_from([1, 2, 4, 16]))
     max_model_len = draw(st.integers(4, 48))
     seed = draw(st.integers(0, 2**32 - 1))
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(VOCAB) for _ in range(max_model_len)] for _ in range(2)]
     requests = []
     for seq_id in range(draw(st.integers(1, max_requests))):
         arrival = draw(st.integers(0, 12)) if arrivals else 0
         abort = None
         if aborts and draw(st.integers(0, 3)) == 0:
             abort = arrival + draw(st.integers(0, 12))
-        requests.append(request(
+        req = request(
             seq_id, draw(st.integers(1, max_model_len - 1)), draw(st.integers(1, 20)), seed,
             stops=draw(st.frozensets(st.integers(0, VOCAB - 1), max_size=2)),
-            arrival=arrival, abort=abort))
+            arrival=arrival, abort=abort)
+        if prefix_caching:
+            if requests and draw(st.booleans()):  # another sample of an earlier prompt
+                req.prompt = list(requests[draw(st.integers(0, len(requests) - 1))].prompt)
+            else:
+                shared = draw(st.integers(0, len(req.prompt)))
+                req.prompt[:shared] = prefixes[draw(st.integers(0, 1))][:shared]
+        requests.append(req)
     if fits:
         least = max(blocks_needed(r, block_size, max_model_len) for r in requests)
     else:
@@ -131,6 +148,7 @@ def workloads(draw, aborts: bool = True, arrivals: bool = True, fits: bool = Tru
         requests, num_blocks=least + draw(st.integers(0, least)), block_size=block_size,
         max_num_seqs=draw(st.integers(1, 8)), max_num_batched_tokens=draw(st.integers(1, 64)),
         max_model_len=max_model_len, decode_steps=draw(st.sampled_from([1, 2, 4, 8, 16, 64])),
+        prefix_caching=prefix_caching,
         run_seconds=draw(st.sampled_from([None, 0.01, 0.05, 0.1])),
         step_times=tuple(draw(st.lists(st.sampled_from([0.0005, 0.004, 0.02, 0.06]),
                                        min_size=1, max_size=3))))
@@ -178,10 +196,15 @@ class CheckedScheduler(Scheduler):
         return batch, steps, too_long
 
     def _check_cache(self):
-        """Every block is free or owned by one running sequence, which holds its computed
-        tokens; a waiting sequence owns none."""
-        owned = [b for seq in self.running for b in seq.block_table]
-        assert sorted(owned + self.blocks._free) == list(range(self.blocks.num_blocks))
+        """Every block is free or held by as many running sequences as its reference count
+        says (one at most without prefix caching), a sequence holds its computed tokens; a
+        waiting sequence holds none."""
+        self.blocks.check()
+        held = Counter(b for seq in self.running for b in seq.block_table)
+        assert all(len(set(seq.block_table)) == len(seq.block_table) for seq in self.running)
+        assert held == Counter({b: r for b, r in enumerate(self.blocks._refs) if r})
+        if not self.blocks.caching:
+            assert set(held.values()) <= {1}
         assert all(not seq.block_table for seq in self.waiting)
         for seq in self.running:
             assert len(seq.block_table) >= self.blocks.blocks_for(seq.num_computed)
@@ -270,7 +293,9 @@ class FakeWorkers:
         self.requests = requests
         self.last_sampled: list[int] = []
         self.state_ids: set[int] = set()
-        self.cache: dict[tuple[int, int], tuple[int, int, int]] = {}  # (block, slot) -> what
+        self.cache: dict[tuple[int, int], tuple[int, tuple]] = {}  # (block, slot) -> what
+        self.caching = w.prefix_caching
+        self.hits: dict[int, list[int]] = {}  # a sequence's cached tokens, at each admission
         self.computed: dict[int, int] = {}  # a sequence's positions computed since admitted
         self.chunks: dict[int, list[tuple[int, int]]] = {}  # its (start, tokens), step by step
         self.step_times = itertools.cycle(w.step_times)
@@ -290,10 +315,15 @@ class FakeWorkers:
             req = self.requests[seq.seq_id]
             # the right tokens, placeholders filled in; each position computed once
             assert list(ids[end - n:end]) == [req.token(p) for p in range(start, start + n)]
+            if self.caching and self.computed.get(seq.seq_id, 0) == 0:  # just admitted
+                # from a cached prefix of whole blocks, leaving the last token at least
+                assert start % bs == 0 and start < len(seq.token_ids)
+                self.hits.setdefault(seq.seq_id, []).append(start)
+                self.computed[seq.seq_id] = start
             assert start == self.computed.get(seq.seq_id, 0), "a position skipped or redone"
             last = start + n + k - 1
             for p in range(start, last):
-                self.cache[table[p // bs], p % bs] = (seq.seq_id, p, req.token(p))
+                self.cache[table[p // bs], p % bs] = (p, req.context(p))
             self.computed[seq.seq_id] = last
             self.chunks.setdefault(seq.seq_id, []).append((start, n))
             reach.append(last)
@@ -301,7 +331,7 @@ class FakeWorkers:
             # attention reads all it computed, through its table: nobody wrote over it
             req = self.requests[seq.seq_id]
             for p in range(last):
-                assert self.cache.get((table[p // bs], p % bs)) == (seq.seq_id, p, req.token(p))
+                assert self.cache.get((table[p // bs], p % bs)) == (p, req.context(p))
         tokens, last_tokens, sampled, per_seq = [], [], [], []
         for sample in samples:
             i, out = sample.index, sample.output_index
@@ -339,7 +369,7 @@ class Sim:
                      for r in w.requests}
         self.workers = FakeWorkers(w, self.requests)
         self.scheduler = CheckedScheduler(
-            BlockManager(w.num_blocks, w.block_size), w.max_num_seqs,
+            BlockManager(w.num_blocks, w.block_size, w.prefix_caching), w.max_num_seqs,
             w.max_num_batched_tokens, w.max_model_len, w.decode_steps, w.run_seconds,
             on_preempt=lambda seq: self.workers.computed.__setitem__(seq.seq_id, 0))
         self.events = deque(sorted(
@@ -429,6 +459,8 @@ class Sim:
         """Everything done and given back; every request's output exactly what it draws."""
         s = self.scheduler
         too_long = {seq.seq_id for seq in s.too_long}
+        s.blocks.check()
+        assert s.blocks.num_free == s.blocks.num_blocks and not any(s.blocks._refs)
         for seq_id, req in self.requests.items():
             seq = self.seqs[seq_id]
             assert seq.pending == 0 and not seq.block_table
@@ -628,3 +660,42 @@ def test_a_preempted_sequence_waits_for_its_token_in_flight():
     assert s.schedule()[0] == []  # its token is still in flight: it waits
     loop._apply(sampled, [7], [])
     assert s.schedule()[0] == [(seq, 4)]  # then all 4 tokens are recomputed
+
+
+@checked(150)
+@given(st.one_of(workloads(prefix_caching=True), workloads(fits=False, prefix_caching=True)))
+def test_with_prefix_caching_outputs_and_blocks_are_as_without(w):
+    """Shared prefixes and repeated prompts with the cache on, in a cache that fits every
+    request or only each prompt (preemption, re-admission from the cache): every shared block
+    holds what its reader's own would (FakeWorkers checks each read against the whole
+    context), outputs are exactly what each request draws, and every block and count returns
+    at the end."""
+    sim = Sim(w).run()
+    sim.check_end()
+    sim.report()
+    hits = sum(start for starts in sim.workers.hits.values() for start in starts)
+    event("prefix hits" if hits else "no prefix hit")
+    assert sim.scheduler.prefix_hits == hits
+
+
+def test_samples_of_one_prompt_admitted_together_share_its_full_blocks():
+    """Three requests with the same 10-token prompt in blocks of 4, in one step: the first
+    computes all 10, the others only the last partial block (tokens 8-9), reading blocks 0-1
+    of the first; the cache holds no copy of them."""
+    reqs = [request(i, 10, 3) for i in range(3)]
+    for r in reqs[1:]:
+        r.prompt = list(reqs[0].prompt)
+    w = Workload(reqs, num_blocks=12, block_size=4, max_num_seqs=4,
+                 max_num_batched_tokens=64, max_model_len=64, prefix_caching=True)
+    sim = Sim(w)
+    for seq in sim.seqs.values():
+        sim.scheduler.add(seq)
+    batch, _, _ = sim.scheduler.schedule()
+    assert [n for _, n in batch] == [10, 2, 2]
+    tables = [seq.block_table for seq, _ in batch]
+    assert tables[1][:2] == tables[2][:2] == tables[0][:2]
+    assert len({t[2] for t in tables}) == 3  # each its own last block
+    sim = Sim(w).run()
+    sim.check_end()
+    assert sim.workers.hits == {0: [0], 1: [8], 2: [8]}
+    assert sim.scheduler.prefix_hits == 16 and sim.scheduler.prefix_queries == 30

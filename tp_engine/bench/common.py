@@ -28,17 +28,36 @@ class Request:
 
 
 def workload(num: int, prompt_range: tuple[int, int], output_range: tuple[int, int],
-             vocab_size: int, seed: int = 0) -> list[Request]:
+             vocab_size: int, seed: int = 0, variant: int = 0,
+             prefix: list[int] = ()) -> list[Request]:
     """`num` requests with uniform random prompt and output lengths, the same for every side
-    of a comparison (a fixed seed, and nothing else draws from this generator)."""
-    rng = random.Random(seed)
+    of a comparison (a fixed seed, and nothing else draws from these generators). `variant`
+    draws other prompt tokens of the same lengths: each timed run gets prompts of its own,
+    which no prefix cache holds from the run before. Every prompt starts with `prefix`."""
+    lengths, tokens = random.Random(seed), random.Random(f"{seed}/{variant}")
     requests = []
     for _ in range(num):
-        prompt_len = rng.randint(*prompt_range)
-        max_tokens = rng.randint(*output_range)
-        prompt = [rng.randrange(VOCAB_FLOOR, vocab_size) for _ in range(prompt_len)]
-        requests.append(Request(prompt, max_tokens))
+        prompt_len = lengths.randint(*prompt_range)
+        max_tokens = lengths.randint(*output_range)
+        requests.append(Request(list(prefix) + random_tokens(tokens, prompt_len, vocab_size),
+                                max_tokens))
     return requests
+
+
+def random_tokens(rng: random.Random, n: int, vocab_size: int) -> list[int]:
+    return [rng.randrange(VOCAB_FLOOR, vocab_size) for _ in range(n)]
+
+
+def shared_prefix(length: int, vocab_size: int, variant: int = 0) -> list[int]:
+    """A system prompt or few-shot preamble every prompt of a run starts with."""
+    return random_tokens(random.Random(f"shared prefix/{variant}"), length, vocab_size)
+
+
+def hit_rate(before: dict, after: dict) -> float:
+    """The share of the prompt tokens admitted between two EngineCore.stats() that the prefix
+    cache held."""
+    queries = after["prefix_cache_queries"] - before["prefix_cache_queries"]
+    return (after["prefix_cache_hits"] - before["prefix_cache_hits"]) / max(1, queries)
 
 
 def worker_threads(tp: int) -> int:

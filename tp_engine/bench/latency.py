@@ -1,6 +1,10 @@
 """`tp-engine bench latency`: time to first token (TTFT) and time per output token (TPOT) at
 fixed concurrencies: C client threads, each sending its requests one after another (a closed
-loop), every token's arrival timed where the caller receives it."""
+loop), every token's arrival timed where the caller receives it.
+
+`--shared-prefix N` starts every prompt with the same N tokens, as a chat server's system
+prompt: the engine is measured with its prefix cache on and again with it off, the warm-up
+request having sent the prefix once (a server's steady state)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import threading
 import time
 
 from tp_engine.bench import common
+from tp_engine.bench.common import hit_rate
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests-per-client", type=int, default=4)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                   help="tokens every prompt starts with; measured with the cache on and off")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip transformers' generate (the concurrency-1 baseline)")
 
@@ -52,7 +59,8 @@ def measure(engine, concurrency: int, args: argparse.Namespace, vocab: int,
             seed: int) -> tuple[list[tuple[float, float]], float, int]:
     requests = common.workload(concurrency * args.requests_per_client,
                                (args.prompt_len, args.prompt_len),
-                               (args.max_tokens, args.max_tokens), vocab, seed)
+                               (args.max_tokens, args.max_tokens), vocab, seed,
+                               prefix=common.shared_prefix(args.shared_prefix, vocab))
     results: list[tuple[float, float]] = []
     errors: list[BaseException] = []
     per = args.requests_per_client
@@ -70,34 +78,53 @@ def measure(engine, concurrency: int, args: argparse.Namespace, vocab: int,
 
 
 def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
-    from tp_engine import Engine
-
     levels = [int(x) for x in args.concurrency.split(",")]
+    if args.shared_prefix:
+        sides = {f"cache {side}": {**engine_kwargs, "enable_prefix_caching": side == "on"}
+                 for side in ("on", "off")}
+    else:
+        sides = {"": engine_kwargs}
     rows = []
-    with Engine(**engine_kwargs) as engine:
-        vocab = engine.core.model_config.vocab_size
-        measure(engine, 1, argparse.Namespace(**{**vars(args), "requests_per_client": 1}),
-                vocab, seed=-1)  # warm-up
-        for level in levels:
-            results, seconds, tokens = measure(engine, level, args, vocab, args.workload_seed)
-            ttft = sorted(r[0] for r in results)
-            tpot = sorted(r[1] for r in results)
-            rows.append([level, len(results), common.ms(common.median(ttft)),
-                         common.ms(common.percentile(ttft, 90)), common.ms(common.median(tpot)),
-                         common.ms(common.percentile(tpot, 90)), f"{tokens / seconds:.0f}"])
-        path = engine.config.model
+    for side, kwargs in sides.items():
+        made, path, vocab = measure_levels(levels, args, kwargs)
+        rows += [[f"{level} ({side})" if side else level, *row] for level, row in made]
     if not args.no_baseline:
         rows.append(baseline(path, args, vocab))
     tp = engine_kwargs.get("tensor_parallel_size", 1)
     common.print_machine(common.machine({"engine worker threads": str(common.worker_threads(tp)),
                                          "model": engine_kwargs["model"],
                                          "tensor parallel size": str(tp)}))
+    prefix = f" after a shared prefix of {args.shared_prefix}" if args.shared_prefix else ""
     common.print_table(
-        f"latency: prompts of {args.prompt_len} tokens, {args.max_tokens} output tokens, "
-        f"greedy, {args.requests_per_client} requests per client, closed loop",
+        f"latency: prompts of {args.prompt_len} tokens{prefix}, {args.max_tokens} output "
+        f"tokens, greedy, {args.requests_per_client} requests per client, closed loop",
         ["concurrency", "requests", "TTFT median ms", "TTFT p90 ms", "TPOT median ms",
-         "TPOT p90 ms", "output tokens/s"], rows)
+         "TPOT p90 ms", "output tokens/s", "prefix cache hits"], rows)
     return 0
+
+
+def measure_levels(levels: list[int], args: argparse.Namespace, engine_kwargs: dict,
+                   ) -> tuple[list[tuple[int, list[object]]], str, int]:
+    """One engine through every concurrency: a row for each, the model's path, its vocab."""
+    from tp_engine import Engine
+
+    rows = []
+    with Engine(**engine_kwargs) as engine:
+        vocab = engine.core.model_config.vocab_size
+        measure(engine, 1, argparse.Namespace(**{**vars(args), "requests_per_client": 1}),
+                vocab, seed=-1)  # warm-up
+        for level in levels:
+            before = engine.core.stats()
+            results, seconds, tokens = measure(engine, level, args, vocab, args.workload_seed)
+            after = engine.core.stats()
+            ttft = sorted(r[0] for r in results)
+            tpot = sorted(r[1] for r in results)
+            rows.append((level, [
+                len(results), common.ms(common.median(ttft)),
+                common.ms(common.percentile(ttft, 90)), common.ms(common.median(tpot)),
+                common.ms(common.percentile(tpot, 90)), f"{tokens / seconds:.0f}",
+                f"{hit_rate(before, after):.0%}"]))
+        return rows, engine.config.model, vocab
 
 
 def baseline(path: str, args: argparse.Namespace, vocab: int) -> list[object]:
@@ -107,7 +134,8 @@ def baseline(path: str, args: argparse.Namespace, vocab: int) -> list[object]:
 
     model = hf_baseline.load(path)
     requests = common.workload(args.requests_per_client, (args.prompt_len, args.prompt_len),
-                               (args.max_tokens, args.max_tokens), vocab, args.workload_seed)
+                               (args.max_tokens, args.max_tokens), vocab, args.workload_seed,
+                               prefix=common.shared_prefix(args.shared_prefix, vocab))
     hf_baseline.generate(model, requests[:1], 1)  # warm-up
     ttft, tpot = [], []
     for r in requests:
@@ -121,4 +149,4 @@ def baseline(path: str, args: argparse.Namespace, vocab: int) -> list[object]:
     return ["1 (transformers generate)", len(requests), common.ms(common.median(ttft)),
             common.ms(common.percentile(ttft, 90)), common.ms(common.median(tpot)),
             common.ms(common.percentile(tpot, 90)),
-            f"{args.max_tokens / per_request:.0f}"]
+            f"{args.max_tokens / per_request:.0f}", "-"]

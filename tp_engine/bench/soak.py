@@ -1,6 +1,7 @@
 """`tp-engine bench soak`, and the slow test's soak: many requests with random parameters from
-client threads that come and go, some abandoned mid-stream, then a check that the engine gave
-back what it took (threads, descriptors, memory) and accounted for every request."""
+client threads that come and go, some abandoned mid-stream, many sharing a prefix, then a
+check that the engine gave back what it took (threads, descriptors, memory, cache blocks) and
+accounted for every request."""
 
 from __future__ import annotations
 
@@ -47,12 +48,18 @@ def resources(engine) -> dict[str, int]:
                 rss_bytes=sum(p.memory_info().rss for p in procs))
 
 
+# shared system prompts and few-shot preambles: the prefix cache is shared, and given back
+_PREFIXES = [[random.Random(n).randrange(4, 500) for _ in range(n)] for n in (16, 33, 48)]
+
+
 def random_request(rng: random.Random) -> tuple[object, SamplingParams]:
-    if rng.random() < 0.5:
+    if rng.random() < 0.4:
         prompt: object = " ".join(rng.choice(["alpha", "beta", "gamma", "délta", "東京", "🙂"])
                                   for _ in range(rng.randint(1, 40)))
     else:
-        prompt = {"prompt_token_ids": [rng.randrange(4, 500) for _ in range(rng.randint(1, 60))]}
+        shared = rng.choice(_PREFIXES) if rng.random() < 0.5 else []
+        prompt = {"prompt_token_ids": shared + [rng.randrange(4, 500)
+                                                for _ in range(rng.randint(1, 60))]}
     params = SamplingParams(
         max_tokens=rng.randint(1, 48), temperature=rng.choice([0.0, 0.7, 1.0, 1.3]),
         top_p=rng.choice([1.0, 0.9, 0.5]), top_k=rng.choice([0, 1, 20]),

@@ -2,7 +2,10 @@
 `generate` at several batch sizes, the same requests on both sides, in the same run.
 
 Runs alternate (engine, then each baseline batch size, then the engine again...) so that a
-burst of load from elsewhere on the machine lands on both sides alike."""
+burst of load from elsewhere on the machine lands on both sides alike. Each run has prompts of
+its own (same lengths, other tokens): the engine's prefix cache cannot carry a run over to the
+next. `--shared-prefix N` starts every prompt of a run with the same N tokens (a system prompt,
+a few-shot preamble), which the prefix cache computes once a run."""
 
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=4, help="timed runs per configuration")
     p.add_argument("--hf-batch-sizes", default="32,64,96",
                    help="transformers batch sizes, comma separated; empty: no baseline")
+    p.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                   help="tokens every prompt of a run starts with")
 
 
 def pair(text: str) -> tuple[int, int]:
@@ -55,46 +60,57 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
     try:
         first = next(iter(engines.values()))
         vocab, path = first.core.model_config.vocab_size, first.config.model
-        requests = common.workload(args.requests, pair(args.prompt_len), pair(args.output_len),
-                                   vocab, seed=args.workload_seed)
+
+        def requests(variant: int) -> list[Request]:
+            return common.workload(args.requests, pair(args.prompt_len), pair(args.output_len),
+                                   vocab, args.workload_seed, variant,
+                                   common.shared_prefix(args.shared_prefix, vocab, variant))
+
         hf = None
         if batch_sizes:
             from tp_engine.bench import hf_baseline
 
             hf = hf_baseline.load(path)
-            hf_baseline.generate(hf, requests[:2], 2)  # warm-up
+            hf_baseline.generate(hf, requests(-1)[:2], 2)  # warm-up
         for engine in engines.values():
-            run_engine(engine, requests[:4])  # warm-up: first-call allocations and kernels
+            run_engine(engine, requests(-1)[:4])  # warm-up: first-call allocations and kernels
+        before = {tp: engine.core.stats() for tp, engine in engines.items()}
         times: dict[str, list[float]] = {}
-        tokens = sum(r.max_tokens for r in requests)
-        for _ in range(args.runs):
+        tokens = sum(r.max_tokens for r in requests(0))
+        for index in range(args.runs):
+            work = requests(index)
             for tp, engine in engines.items():
-                times.setdefault(f"tp-engine TP={tp}", []).append(run_engine(engine, requests)[0])
+                times.setdefault(f"tp-engine TP={tp}", []).append(run_engine(engine, work)[0])
             for size in batch_sizes:
-                seconds = hf_baseline.generate(hf, requests, size)[0]
+                seconds = hf_baseline.generate(hf, work, size)[0]
                 times.setdefault(f"transformers generate, batch {size}", []).append(seconds)
+        hit_rates = {f"tp-engine TP={tp}": common.hit_rate(before[tp], engine.core.stats())
+                     for tp, engine in engines.items()}
     finally:
         for engine in engines.values():
             engine.terminate()
-    report(args, times, tokens, engine_kwargs)
+    report(args, times, tokens, engine_kwargs, hit_rates)
     return 0
 
 
 def report(args: argparse.Namespace, times: dict[str, list[float]], tokens: int,
-           engine_kwargs: dict) -> None:
+           engine_kwargs: dict, hit_rates: dict[str, float]) -> None:
     rows, rates = [], {}
     for name, runs in times.items():
         rates[name] = tokens / common.median(runs)
         rows.append([name, f"{rates[name]:.0f}", f"{common.median(runs):.2f}",
-                     f"{tokens / max(runs):.0f}-{tokens / min(runs):.0f}", len(runs)])
+                     f"{tokens / max(runs):.0f}-{tokens / min(runs):.0f}", len(runs),
+                     f"{hit_rates[name]:.0%}" if name in hit_rates else "-"])
     common.print_machine(common.machine({
         "engine worker threads": str(common.worker_threads(
             engine_kwargs.get("tensor_parallel_size", 1))),
         "model": engine_kwargs["model"], "device": engine_kwargs.get("device", "auto")}))
     common.print_table(
-        f"throughput: {args.requests} requests, prompts {args.prompt_len} tokens, outputs "
-        f"{args.output_len} tokens, greedy, {tokens} requested tokens",
-        ["system", "tokens/s (median)", "seconds (median)", "tokens/s range", "runs"], rows)
+        f"throughput: {args.requests} requests, prompts {args.prompt_len} tokens"
+        + (f" after a shared prefix of {args.shared_prefix}" if args.shared_prefix else "")
+        + f", outputs {args.output_len} tokens, greedy, {tokens} requested tokens",
+        ["system", "tokens/s (median)", "seconds (median)", "tokens/s range", "runs",
+         "prefix cache hits"], rows)
     baseline = {k: v for k, v in rates.items() if k.startswith("transformers")}
     if not baseline:
         return

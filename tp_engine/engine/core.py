@@ -70,7 +70,8 @@ class EngineCore:
         self.eos_token_ids = frozenset([*self.tokenizer.eos_token_ids, *model.eos_token_ids])
         group.wait_ready(cfg.startup_timeout)
 
-        self.blocks = BlockManager(group.ready[0].num_kv_blocks, cfg.block_size)
+        self.blocks = BlockManager(group.ready[0].num_kv_blocks, cfg.block_size,
+                                   caching=cfg.enable_prefix_caching)
         log.info("KV cache: %d blocks of %d tokens a rank (%s)", self.blocks.num_blocks,
                  cfg.block_size, cfg.kv_cache_sizing)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
@@ -219,6 +220,10 @@ class EngineCore:
                     kv_blocks_free=blocks.num_free, kv_usage=blocks.usage,
                     preemptions=self.scheduler.num_preemptions, steps=self.loop.steps,
                     restarts=self.loop.restarts,
+                    prefix_cache_queries=self.scheduler.prefix_queries,
+                    prefix_cache_hits=self.scheduler.prefix_hits,
+                    prefix_cache_hit_rate=(self.scheduler.prefix_hits
+                                           / max(1, self.scheduler.prefix_queries)),
                     model_seconds=self.loop.model_seconds)
 
     # --- lifecycle -------------------------------------------------------------------------

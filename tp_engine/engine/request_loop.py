@@ -225,8 +225,9 @@ class RequestLoop:
                 tokens.append(-1 - seq.pending_index)
             seq.num_computed = start + n + k - 1
             if seq.rank0_state:
-                if start == 0:  # (re)started: rank 0 builds its state from the output so far
+                if seq.needs_setup:  # (re)started: rank 0 builds its state from its output
                     setups.append(sequence_setup(seq))
+                    seq.needs_setup = False
                 if (seq.params.prompt_logprobs is not None  # and not made yet
                         and seq.prompt_logprobs_to <= start < seq.prompt_len - 1):
                     logit_rows.append([index, seq.seq_id])

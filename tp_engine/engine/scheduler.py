@@ -18,7 +18,14 @@ a sequence that stops on EOS would compute seconds of dropped tokens.
 The request loop keeps two steps in flight, so the next step is scheduled before the tokens of
 the one running are known: a sequence's `pending` tokens (sampled by the steps in flight, not
 yet received) count as part of it, and the worker fills in the last of them. `num_computed`
-counts what the steps sent so far will have computed."""
+counts what the steps sent so far will have computed.
+
+With prefix caching, a sequence's full blocks are named (BlockManager.register) as soon as a
+step that computes them is scheduled: the workers run steps in order, and within a step every
+layer writes the step's keys and values before any attention reads them, so a sequence
+admitted in the same step (another sample of the same prompt, say) may read them already. A
+sequence admitted starts from the longest cached prefix of its full blocks, leaving at least
+its last token to compute, for the logits."""
 
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tp_engine import wire
-from tp_engine.engine.block_manager import BlockManager
+from tp_engine.engine.block_manager import BlockManager, chain_hash
 from tp_engine.engine.sampling_params import SamplingParams
 
 
@@ -46,6 +53,9 @@ class Sequence:
     rank0_state: bool = False   # rank 0 keeps a state for it (penalties, logprobs, grammar)
     prompt_logprobs_to: int = 0  # the positions whose prompt logprobs were asked for
     streaming: bool = False  # a consumer reads it token by token: runs report every step
+    needs_setup: bool = True  # (re)admitted: rank 0 builds its state with the next step
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order
+    num_registered: int = 0  # its first blocks that are named in the cache
 
     @property
     def num_output(self) -> int:
@@ -59,6 +69,15 @@ class Sequence:
         """Tokens it may still be sampled, counting those in flight as sampled."""
         total = len(self.token_ids) + self.pending
         return min(self.max_tokens - (total - self.prompt_len), max_model_len - total)
+
+    def hashes(self, block_size: int, num_blocks: int) -> list[bytes]:
+        """The hashes of its first `num_blocks` full blocks (made once, as tokens come)."""
+        hashes = self.block_hashes
+        while len(hashes) < num_blocks:
+            at = len(hashes) * block_size
+            hashes.append(chain_hash(hashes[-1] if hashes else b"",
+                                     self.token_ids[at:at + block_size]))
+        return hashes[:num_blocks]
 
     def exhausted(self, max_model_len: int) -> bool:
         """The pending tokens are its last: nothing more to compute for it."""
@@ -96,6 +115,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_queries = 0  # tokens of the sequences admitted
+        self.prefix_hits = 0     # of those, found in the cache
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -121,6 +142,7 @@ class Scheduler:
                     too_long.append(seq)
                 break
             batch.append((seq, n))
+            self._register(seq, seq.num_computed + n)
             budget -= n
             index += 1
         # no admissions in a step that had to preempt: the cache is the bottleneck
@@ -128,12 +150,13 @@ class Scheduler:
                and len(self.running) < self.max_num_seqs and not self.waiting[0].pending):
             # (a preempted sequence whose last token is still in flight waits for it)
             seq = self.waiting[0]
-            n = min(seq.uncomputed, budget)
-            if not self.blocks.grow(seq.block_table, seq.num_computed + n):
+            n = self._admit(seq, budget)
+            if n is None:
                 break
             self.waiting.popleft()
             self.running.append(seq)
             batch.append((seq, n))
+            self._register(seq, seq.num_computed + n)
             budget -= n
         return (*self._decode_run(batch), too_long)
 
@@ -157,6 +180,39 @@ class Scheduler:
         order = sorted(range(len(batch)), key=steps.__getitem__, reverse=True)  # stable
         return [batch[i] for i in order], [steps[i] for i in order]
 
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Give a waiting sequence its cached prefix and the blocks of its first chunk; the
+        chunk's tokens, or None if the cache is short. A request for prompt logprobs computes
+        its whole prompt (it needs the logits of every position)."""
+        bs, known = self.blocks.block_size, len(seq.token_ids)
+        cached = []
+        if self.blocks.caching and seq.params.prompt_logprobs is None:
+            cached = self.blocks.cached_prefix(seq.hashes(bs, (known - 1) // bs))
+        n = min(seq.uncomputed - len(cached) * bs, budget)
+        if not self.blocks.allocate(seq.block_table, cached, len(cached) * bs + n):
+            return None
+        seq.num_registered = len(cached)
+        seq.num_computed = len(cached) * bs
+        seq.needs_setup = True
+        self.prefix_queries += known
+        self.prefix_hits += seq.num_computed
+        return n
+
+    def _register(self, seq: Sequence, computed: int) -> None:
+        """Name the full blocks of `seq` that its first `computed` tokens fill (those whose
+        tokens are known: not the ones in flight)."""
+        full = min(computed, len(seq.token_ids)) // self.blocks.block_size
+        if self.blocks.caching and full > seq.num_registered:
+            self.blocks.register(seq.block_table, seq.hashes(self.blocks.block_size, full),
+                                 seq.num_registered)
+            seq.num_registered = full
+
+    def _release(self, seq: Sequence) -> None:
+        """Free its blocks, naming first those the steps sent complete."""
+        self._register(seq, seq.num_computed)
+        self.blocks.free(seq.block_table)
+        seq.num_registered = 0
+
     def _make_room(self, seq: Sequence, n: int) -> bool:
         """Grow `seq` by `n` tokens, preempting the newest sequences as needed; False if `seq`
         itself had to go."""
@@ -168,7 +224,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence) -> None:
-        self.blocks.free(seq.block_table)
+        self._release(seq)
         seq.num_computed = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -179,6 +235,7 @@ class Scheduler:
         for seq in reversed(self.running):
             self._preempt(seq)
         self.running.clear()
+        self.blocks.reset()
 
     def observe_decode(self, seconds_per_step: float) -> None:
         """A decode step's time as measured (a moving average: one slow step is noise)."""
@@ -191,4 +248,4 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq.block_table)
+        self._release(seq)

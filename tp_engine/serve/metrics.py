@@ -44,11 +44,16 @@ class _EngineCollector(Collector):
             ("kv_cache_usage", "Share of KV-cache blocks in use (0 to 1)", stats["kv_usage"]),
             ("kv_blocks", "KV-cache blocks in all", stats["kv_blocks"]),
             ("kv_blocks_free", "KV-cache blocks free", stats["kv_blocks_free"]),
+            ("prefix_cache_hit_rate", "Share of admitted prompt tokens found in the prefix "
+                                      "cache (0 to 1)", stats["prefix_cache_hit_rate"]),
         ):
             yield GaugeMetricFamily(f"tp_engine_{name}", doc, value=value)
         for name, doc in (("preemptions", "Sequences preempted"),
                           ("steps", "Model steps the workers ran"),
                           ("restarts", "Worker groups restarted after a worker died"),
+                          ("prefix_cache_queries", "Tokens of admitted sequences looked up "
+                                                   "in the prefix cache"),
+                          ("prefix_cache_hits", "Of those, tokens found in the cache"),
                           ("model_seconds", "Rank 0's time in the model (forward, LM head, "
                                             "sampling)")):
             yield CounterMetricFamily(f"tp_engine_{name}", doc, value=stats[name])
