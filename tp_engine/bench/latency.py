@@ -13,7 +13,6 @@ import threading
 import time
 
 from tp_engine.bench import common
-from tp_engine.bench.common import hit_rate
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -123,7 +122,7 @@ def measure_levels(levels: list[int], args: argparse.Namespace, engine_kwargs: d
                 len(results), common.ms(common.median(ttft)),
                 common.ms(common.percentile(ttft, 90)), common.ms(common.median(tpot)),
                 common.ms(common.percentile(tpot, 90)), f"{tokens / seconds:.0f}",
-                f"{hit_rate(before, after):.0%}"]))
+                f"{common.hit_rate(before, after):.0%}"]))
         return rows, engine.config.model, vocab
 
 
