@@ -205,14 +205,14 @@ def test_closing_a_stream_aborts_its_request(engine):
                                        ignore_eos=True, stream=True)
     next(stream)
     stream.close()
-    core = engine.core
+    stats = engine.core.stats
     for _ in range(100):
-        idle = not (core.scheduler.waiting or core.scheduler.running)
-        if idle and core.blocks.num_free == core.blocks.num_blocks:
+        idle = not (stats()["waiting"] or stats()["running"])
+        if idle and stats()["kv_blocks_free"] == stats()["kv_blocks"]:
             break
         asyncio.run(asyncio.sleep(0.01))
-    assert core.blocks.num_free == core.blocks.num_blocks
-    assert len(core.registry) == 0
+    assert stats()["kv_blocks_free"] == stats()["kv_blocks"]
+    assert len(engine.core.registry) == 0
 
 
 def test_async_engine_serves_many_concurrent_requests(tiny_model):

@@ -211,7 +211,7 @@ def test_engine_logs_a_kv_cache_sized_from_free_memory(tiny_model, caplog):
     caplog.set_level(logging.INFO, logger="tp_engine.engine")
     with Engine(tiny_model, device="cpu", tensor_parallel_size=1) as engine:
         assert engine.config.kv_cache_memory_gb is None
-        num_blocks = engine.core.blocks.num_blocks
+        num_blocks = engine.core.replicas[0].blocks.num_blocks
         workers = engine.worker_pids
     lines = [r.getMessage() for r in caplog.records if r.name == "tp_engine.engine"]
     assert any("KV cache" in line and "sized from the memory free at start" in line

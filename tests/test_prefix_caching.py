@@ -32,7 +32,8 @@ def outputs(engine: Engine) -> list[list[int]]:
 def all_given_back(engine: Engine) -> None:
     stats = engine.core.stats()
     assert stats["kv_blocks_free"] == stats["kv_blocks"]
-    engine.core.blocks.check()
+    for replica in engine.core.replicas:
+        replica.blocks.check()
 
 
 @pytest.mark.timeout(120)

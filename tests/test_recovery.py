@@ -43,7 +43,7 @@ def generate_in_background(llm: Engine, params) -> tuple[threading.Thread, dict]
 def wait_for_tokens(llm: Engine, at_least: int) -> None:
     """Until the workers have run `at_least` steps since the engine started."""
     deadline = time.monotonic() + 30
-    while llm.core.loop.steps < at_least and time.monotonic() < deadline:
+    while llm.core.replicas[0].loop.steps < at_least and time.monotonic() < deadline:
         time.sleep(0.005)
 
 
@@ -64,7 +64,7 @@ def undisturbed(llm):
 def test_a_worker_sigkilled_mid_generate_changes_nothing(llm, undisturbed, kind):
     before = llm.restarts
     thread, result = generate_in_background(llm, GREEDY if kind == "greedy" else SEEDED)
-    wait_for_tokens(llm, llm.core.loop.steps + 6)
+    wait_for_tokens(llm, llm.core.replicas[0].loop.steps + 6)
     assert thread.is_alive(), "the generate ended before the kill: the test shows nothing"
     os.kill(llm.worker_pids[1], signal.SIGKILL)
     thread.join(60)
@@ -79,7 +79,7 @@ def test_three_kills_in_a_row_at_random_moments(tiny_model, undisturbed):
                 decode_steps=4, max_restarts=3) as engine:
         thread, result = generate_in_background(engine, GREEDY)
         for _ in range(3):
-            wait_for_tokens(engine, engine.core.loop.steps + rng.randint(2, 8))
+            wait_for_tokens(engine, engine.core.stats()["steps"] + rng.randint(2, 8))
             pid = engine.worker_pids[rng.randint(0, 1)]
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 30  # until the new group runs
@@ -120,11 +120,11 @@ def test_a_step_that_fails_on_a_rank_restarts_the_group(llm, undisturbed):
 
     before = llm.restarts
     thread, result = generate_in_background(llm, GREEDY)
-    wait_for_tokens(llm, llm.core.loop.steps + 4)
+    wait_for_tokens(llm, llm.core.replicas[0].loop.steps + 4)
     ctx = zmq.Context()
     rogue = ctx.socket(zmq.DEALER)
     rogue.setsockopt(zmq.LINGER, 0)
-    rogue.connect(llm.core.group.endpoint)
+    rogue.connect(llm.core.groups[0].endpoint)
     rogue.send(wire.encode(wire.StepFailed(rank=1, step_id=0, error="RuntimeError: boom")))
     thread.join(60)
     rogue.close()

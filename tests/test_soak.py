@@ -32,7 +32,8 @@ def run(model: str, requests: int) -> None:
         assert stats["running"] == stats["waiting"] == stats["in_flight"] == 0
         assert stats["kv_blocks_free"] == stats["kv_blocks"]  # cached prefixes included
         assert stats["prefix_cache_hits"] > 0
-        engine.core.blocks.check()  # and no block held, each hash where it should be
+        for replica in engine.core.replicas:  # no block held, each hash where it should be
+            replica.blocks.check()
 
 
 @pytest.mark.timeout(120)

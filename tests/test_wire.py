@@ -120,7 +120,7 @@ def test_controller_drops_hostile_frames_and_keeps_serving(tiny_model, tmp_path,
         ctx = zmq.Context()
         rogue = ctx.socket(zmq.DEALER)
         rogue.setsockopt(zmq.LINGER, 0)
-        rogue.connect(engine.core.group.endpoint)
+        rogue.connect(engine.core.groups[0].endpoint)
         with caplog.at_level(logging.WARNING, logger="tp_engine"):
             for frames in junk_frames(1, 150, marker):
                 rogue.send_multipart(frames)

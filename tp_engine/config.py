@@ -29,6 +29,9 @@ class EngineConfig:
         "tiny-mistral (random, built on first use)")})
     tensor_parallel_size: int = field(default=1, metadata={
         "help": "worker processes the model is split across"})
+    data_parallel_size: int = field(default=1, metadata={
+        "help": "independent worker groups of tensor_parallel_size ranks, each with its own "
+                "KV cache, behind one controller (under torchrun: replicas of the world)"})
     device: str = field(default="auto", metadata={
         "help": "where the workers compute; auto: cuda if a GPU is visible, else cpu",
         "choices": DEVICES})
@@ -90,10 +93,13 @@ class EngineConfig:
         if self.start_method not in ("forkserver", "spawn", "torchrun"):
             raise ValueError(f"start_method must be 'forkserver', 'spawn' or 'torchrun', "
                              f"got {self.start_method!r}")
-        for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens",
-                     "block_size", "decode_steps"):
+        for name in ("tensor_parallel_size", "data_parallel_size", "max_num_seqs",
+                     "max_num_batched_tokens", "block_size", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.start_method == "torchrun" and self.data_parallel_size > 1:
+            raise ValueError("under torchrun each replica has its own controller: its engine "
+                             "has data_parallel_size=1")
         if self.step_timeout is not None and self.step_timeout <= 0:
             raise ValueError(f"step_timeout must be positive or None, got {self.step_timeout}")
         if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
@@ -148,6 +154,10 @@ class EngineConfig:
         if unknown:
             raise ValueError(f"{path}: unknown keys {unknown}; known keys are {sorted(known)}")
         return cls(**raw)
+
+    @property
+    def num_workers(self) -> int:
+        return self.data_parallel_size * self.tensor_parallel_size
 
     def worker_dtype(self) -> str:
         """"auto" keeps the checkpoint's dtype on a GPU and computes in float32 on a CPU."""

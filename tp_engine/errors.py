@@ -20,10 +20,12 @@ class EngineTerminatedError(EngineError):
 class WorkerDiedError(EngineError):
     """A worker process exited unexpectedly."""
 
-    def __init__(self, rank: int, exitcode: int | None, detail: str = "") -> None:
+    def __init__(self, rank: int, exitcode: int | None, detail: str = "",
+                 replica: int | None = None) -> None:
         self.rank = rank
         self.exitcode = exitcode
         self.detail = detail
+        self.replica = replica  # its worker group, when the engine has several
         super().__init__(self._format())
 
     def _format(self) -> str:
@@ -37,7 +39,8 @@ class WorkerDiedError(EngineError):
                 how = f"killed by signal {-self.exitcode}"
         else:
             how = f"exit code {self.exitcode}"
-        msg = f"worker rank {self.rank} died ({how})"
+        where = "" if self.replica is None else f" of replica {self.replica}"
+        msg = f"worker rank {self.rank}{where} died ({how})"
         return f"{msg}: {self.detail}" if self.detail else msg
 
 

@@ -15,6 +15,7 @@ from tp_engine.errors import ConfigError
 # MASTER_ADDR) or in a --config file, and `serve --host` is the HTTP address
 NOT_FLAGS = ("model", "auth_key", "host")
 METAVARS = {int: "N", float: "X", str: "S"}
+SHORT = {"tensor_parallel_size": ("--tp",), "data_parallel_size": ("--dp",)}
 
 
 def engine_fields() -> list[tuple[dataclasses.Field, type]]:
@@ -38,7 +39,7 @@ def add_engine_flags(parser: argparse.ArgumentParser) -> None:
                         help="YAML file of Engine keywords; the flags given override it")
     for f, kind in engine_fields():
         flag = "--" + f.name.replace("_", "-")
-        names = [flag, "--tp"] if f.name == "tensor_parallel_size" else [flag]
+        names = [flag, *SHORT.get(f.name, ())]
         help_text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
         if kind is bool:
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,

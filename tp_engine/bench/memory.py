@@ -33,7 +33,7 @@ def kv_cache_bytes(core, tp: int) -> int:
     kv_heads = max(1, model.num_kv_heads // tp)
     itemsize = 4 if core.config.worker_dtype() == "float32" else 2
     per_block = core.config.block_size * 2 * kv_heads * model.head_dim * itemsize
-    return core.blocks.num_blocks * per_block * model.num_layers
+    return core.replicas[0].blocks.num_blocks * per_block * model.num_layers
 
 
 def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
@@ -49,11 +49,13 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
                             [SamplingParams(max_tokens=r.max_tokens, temperature=0,
                                             ignore_eos=True) for r in requests])
             kv = kv_cache_bytes(core, tp)
-            for rank, pid in enumerate(engine.worker_pids):
-                params = core.group.ready[rank].param_bytes
-                rows.append([tp, rank, f"{params / 2**20:.2f}", f"{kv / 2**20:.1f}",
-                             f"{status_kib(pid, 'VmHWM') / 1024:.0f}",
-                             f"{status_kib(pid, 'VmRSS') / 1024:.0f}"])
+            for group in core.groups:
+                for rank, proc in enumerate(group.procs):
+                    pid, params = proc.pid, group.ready[rank].param_bytes
+                    name = rank if len(core.groups) == 1 else f"{group.replica}.{rank}"
+                    rows.append([tp, name, f"{params / 2**20:.2f}", f"{kv / 2**20:.1f}",
+                                 f"{status_kib(pid, 'VmHWM') / 1024:.0f}",
+                                 f"{status_kib(pid, 'VmRSS') / 1024:.0f}"])
             rows.append([tp, "controller", "0", "0",
                          f"{status_kib(os.getpid(), 'VmHWM') / 1024:.0f}",
                          f"{status_kib(os.getpid(), 'VmRSS') / 1024:.0f}"])

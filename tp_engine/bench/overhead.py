@@ -44,7 +44,7 @@ def engine_step(engine, prompts: list[list[int]], t1: int,
     t2 (and after the first); and the indices of those two tokens."""
     from tp_engine import SamplingParams
 
-    loop = engine.core.loop
+    loop = engine.core.replicas[0].loop  # the bare forward's group: one
     run = engine.config.decode_steps  # a batch ends at least every `run` tokens
     params = SamplingParams(max_tokens=max(t2, t1 + run) + run, temperature=0, ignore_eos=True)
     states = [samples[0] for samples in  # as generate()

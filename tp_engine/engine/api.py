@@ -54,7 +54,7 @@ class EngineFront:
     @property
     def core(self) -> EngineCore:
         """The engine's core, for the server, the benchmarks and the tests: its tokenizer,
-        scheduler, request loop and stats()."""
+        replicas (each a worker group, scheduler and request loop) and stats()."""
         return self._core
 
     @property
@@ -68,13 +68,14 @@ class EngineFront:
 
     @property
     def restarts(self) -> int:
-        """How many times the worker group was restarted after a worker died."""
+        """How many times a worker group was restarted after a worker died."""
         core = getattr(self, "_core", None)
-        return core.loop.restarts if core is not None and hasattr(core, "loop") else 0
+        return core.restarts if core is not None else 0
 
     @property
     def worker_pids(self) -> list[int]:
-        return [p.pid for p in self._core.group.procs]
+        """Every worker's pid, group by group."""
+        return self._core.worker_pids
 
     @property
     def tokenizer(self):

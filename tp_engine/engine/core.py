@@ -1,15 +1,21 @@
 """The engine's core: starts the workers and the two threads, admits requests, and owns the
 lifecycle. The public Engine and AsyncEngine are thin fronts on it.
 
-terminate(): stop admitting; the request loop fails what is in flight and broadcasts SHUTDOWN;
-join the request loop, then the stream-back thread; reap the workers (they destroy their
-process group before they exit); close the sockets; remove the IPC directory. Everything is
-released in the reverse order of acquisition, so a half-built engine releases what exists."""
+With data_parallel_size > 1 there are that many worker groups, each served by its own
+request loop (engine/replica); the registry, the stream-back thread and the tokenizer are
+shared. A group that fails for good fails its own requests; the engine fails with the last.
+
+terminate(): stop admitting; stop the request loops (each broadcasts SHUTDOWN to its group as
+it leaves) and join them; fail what is still in flight and join the stream-back thread; reap
+every group's workers (they destroy their process group before they exit); close the
+sockets; remove the IPC directory. Everything is released in the reverse order of
+acquisition, so a half-built engine releases what exists."""
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import shutil
 import threading
 import time
@@ -17,12 +23,13 @@ import time
 from tp_engine import wire
 from tp_engine.config import EngineConfig
 from tp_engine.engine.block_manager import BlockManager
+from tp_engine.engine.replica import Replica, choose
 from tp_engine.engine.request import Registry, RequestState, SyncSink
 from tp_engine.engine.request_loop import RequestLoop
 from tp_engine.engine.resources import Deadline, Resources
 from tp_engine.engine.sampling_params import SamplingParams
 from tp_engine.engine.scheduler import Scheduler, Sequence
-from tp_engine.engine.stream_back import StreamBack
+from tp_engine.engine.stream_back import Failure, StreamBack
 from tp_engine.engine.tokenizer import Tokenizer
 from tp_engine.engine.torchrun_group import TorchrunGroup
 from tp_engine.engine.worker_group import WorkerGroup
@@ -61,48 +68,78 @@ class EngineCore:
         self._resources.acquired("IPC directory",
                                  lambda _: shutil.rmtree(ipc_dir, ignore_errors=True))
         group_cls = TorchrunGroup if cfg.start_method == "torchrun" else WorkerGroup
-        self.group = group = group_cls(cfg, ipc_dir)
-        self._resources.acquired("sockets", group.close)
-        group.start()
+        self.groups: list[WorkerGroup] = []
+        for index in range(cfg.data_parallel_size):  # every group loads at the same time
+            group_dir = os.path.join(ipc_dir, str(index))
+            os.mkdir(group_dir, 0o700)
+            group = group_cls(cfg, group_dir, index)
+            self._resources.acquired(f"sockets of group {index}", group.close)
+            self.groups.append(group)
+            group.start()
         self._resources.acquired("workers", self._release_workers)
         # built while the workers load their shards
         self.tokenizer = Tokenizer.load(cfg.model)
         self.eos_token_ids = frozenset([*self.tokenizer.eos_token_ids, *model.eos_token_ids])
-        group.wait_ready(cfg.startup_timeout)
+        deadline = Deadline(cfg.startup_timeout)
+        for group in self.groups:
+            group.wait_ready(deadline.left())
 
-        self.blocks = BlockManager(group.ready[0].num_kv_blocks, cfg.block_size,
-                                   caching=cfg.enable_prefix_caching)
-        log.info("KV cache: %d blocks of %d tokens a rank (%s)", self.blocks.num_blocks,
-                 cfg.block_size, cfg.kv_cache_sizing)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   cfg.max_model_len, cfg.decode_steps, cfg.decode_run_seconds)
         self.stream_back = StreamBack(self.registry, self.abort_seq)
         self.stream_back.start()
-        self._resources.acquired("stream-back thread",
-                                 lambda d: self.stream_back.join(d.left()))
-        self.loop = RequestLoop(group, self.scheduler, self.stream_back, cfg.max_model_len,
-                                self._on_failure, cfg.max_restarts, cfg.step_timeout)
-        self.loop.start()
-        self._resources.acquired("request loop", self._release_loop)
+        self._resources.acquired("stream-back thread", self._release_stream_back)
+        self.replicas = [self._replica(group) for group in self.groups]
+        self._resources.acquired("request loops", self._release_loops)
+        for replica in self.replicas:
+            replica.loop.start()
 
-    def _release_loop(self, deadline: Deadline) -> None:
-        self.loop.stop()
-        if not self.loop.join(deadline.left()):
-            log.warning("request loop did not stop in time")
+    def _replica(self, group: WorkerGroup) -> Replica:
+        cfg = self.config
+        blocks = BlockManager(group.ready[0].num_kv_blocks, cfg.block_size,
+                              caching=cfg.enable_prefix_caching)
+        log.info("KV cache: %d blocks of %d tokens a rank%s (%s)", blocks.num_blocks,
+                 cfg.block_size, group.where, cfg.kv_cache_sizing)
+        scheduler = Scheduler(blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                              cfg.max_model_len, cfg.decode_steps, cfg.decode_run_seconds)
+        replica = Replica(group.replica, group, blocks, scheduler, None)
+        replica.loop = RequestLoop(group, scheduler, self.stream_back, cfg.max_model_len,
+                                   lambda error: self._on_failure(replica, error),
+                                   cfg.max_restarts, cfg.step_timeout)
+        return replica
+
+    def _release_loops(self, deadline: Deadline) -> None:
+        for replica in self.replicas:
+            replica.loop.stop()
+        for replica in self.replicas:
+            if not replica.loop.join(deadline.left()):
+                log.warning("request loop%s did not stop in time", replica.group.where)
+
+    def _release_stream_back(self, deadline: Deadline) -> None:
+        self.stream_back.queue.put(Failure(EngineTerminatedError("engine terminated")))
+        self.stream_back.stop()
+        self.stream_back.join(deadline.left())
 
     def _release_workers(self, deadline: Deadline) -> None:
-        loop = getattr(self, "loop", None)
-        if loop is None or not loop.thread.is_alive():  # the loop owns the socket while alive
-            self.group.send_shutdown()
-        all_ready = len(self.group.ready) == self.group.size
-        self.group.reap(deadline, grace=all_ready)
+        """SHUTDOWN to every group first, so that they all leave at once; then reap each."""
+        loops = {r.group.replica: r.loop for r in getattr(self, "replicas", [])}
+        for group in self.groups:
+            loop = loops.get(group.replica)
+            if loop is None or not loop.thread.is_alive():  # a live loop owns the socket
+                group.send_shutdown()
+        for group in self.groups:
+            group.reap(deadline, grace=len(group.ready) == group.size)
 
-    def _on_failure(self, error: EngineError) -> None:
-        with self._lock:
-            self._failure = error
-            if self.state == "running":
-                self.state = "failed"
-        log.error("engine failed: %s", error)
+    def _on_failure(self, replica: Replica, error: EngineError) -> None:
+        """A replica's group failed for good (its request loop has ended): fail its requests;
+        the engine fails with its last replica."""
+        with self._lock:  # no request is placed on it from here on
+            replica.failure = error
+            self.stream_back.queue.put(Failure(error, replica.loop.seq_ids()))
+            if all(r.failure is not None for r in self.replicas):
+                self._failure = error
+                if self.state == "running":
+                    self.state = "failed"
+        log.error("%s failed: %s", "engine" if replica.group.label is None
+                  else f"replica {replica.index}", error)
 
     # --- requests --------------------------------------------------------------------------
 
@@ -118,9 +155,10 @@ class EngineCore:
         if len(prompt_ids) >= limit:
             raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens; max_model_len "
                                       f"is {limit}, which leaves no room for output")
-        if self.blocks.blocks_for(len(prompt_ids) + 1) > self.blocks.num_blocks:
+        blocks = min((r.blocks for r in self.replicas), key=lambda b: b.num_blocks)
+        if blocks.blocks_for(len(prompt_ids) + 1) > blocks.num_blocks:
             raise InvalidRequestError(f"the prompt has {len(prompt_ids)} tokens, more than the "
-                                      f"KV cache holds ({self.blocks.num_blocks} blocks)")
+                                      f"KV cache holds ({blocks.num_blocks} blocks)")
 
     def check_params(self, params: SamplingParams) -> None:
         """What SamplingParams cannot check alone: token ids against the vocabulary, and the
@@ -153,7 +191,7 @@ class EngineCore:
         made = self._request(prompt_ids, params, sink or SyncSink(), prompt, request_id)
         for _, seq in made:
             seq.streaming = stream
-        self._queue(made)
+        self._queue([made])
         return [state for state, _ in made]
 
     def submit_many(self, requests: list[tuple[list[int], SamplingParams, str | None]],
@@ -164,7 +202,7 @@ class EngineCore:
         Returns each request's samples. Raises at once (nothing queued) when one cannot be
         served."""
         made = [self._request(ids, params, None, prompt) for ids, params, prompt in requests]
-        self._queue([pair for pairs in made for pair in pairs])
+        self._queue(made)
         return [[state for state, _ in pairs] for pairs in made]
 
     def _request(self, prompt_ids: list[int], params: SamplingParams, sink,
@@ -189,12 +227,20 @@ class EngineCore:
             made.append((state, seq))
         return made
 
-    def _queue(self, requests: list[tuple[RequestState, Sequence]]) -> None:
+    def _queue(self, requests: list[list[tuple[RequestState, Sequence]]]) -> None:
+        """Place each request (its samples together) on a replica, and queue them all."""
         with self._lock:  # terminate() flips the state under this lock: nothing slips past
             self._check_serving()
-            for state, _ in requests:
-                self.registry.add(state)
-            self.loop.add([seq for _, seq in requests])
+            placed: dict[int, list[Sequence]] = {}
+            for samples in requests:
+                replica = choose(self.replicas)
+                seqs = [seq for _, seq in samples]
+                replica.place(seqs, self.config.max_model_len)
+                placed.setdefault(replica.index, []).extend(seqs)
+                for state, _ in samples:
+                    self.registry.add(state)
+            for index, seqs in placed.items():  # each loop admits its share in one step
+                self.replicas[index].loop.add(seqs)
 
     def _check_serving(self) -> None:
         if self.state == "failed" and self._failure is not None:
@@ -210,21 +256,40 @@ class EngineCore:
 
     def abort_seq(self, seq_id: int) -> None:
         if self.state == "running":
-            self.loop.abort(seq_id)
+            for replica in self.replicas:  # only the one holding it has it: the rest ignore it
+                replica.loop.abort(seq_id)
+
+    @property
+    def restarts(self) -> int:
+        return sum(r.loop.restarts for r in getattr(self, "replicas", []))
+
+    @property
+    def restarting(self) -> bool:
+        return any(r.loop.restarting for r in self.replicas)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for group in self.groups for p in group.procs]
 
     def stats(self) -> dict[str, float]:
-        """A snapshot for metrics: read without locks, so each figure is at most a step old."""
-        blocks = self.blocks
-        return dict(running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-                    in_flight=len(self.registry), kv_blocks=blocks.num_blocks,
-                    kv_blocks_free=blocks.num_free, kv_usage=blocks.usage,
-                    preemptions=self.scheduler.num_preemptions, steps=self.loop.steps,
-                    restarts=self.loop.restarts,
-                    prefix_cache_queries=self.scheduler.prefix_queries,
-                    prefix_cache_hits=self.scheduler.prefix_hits,
-                    prefix_cache_hit_rate=(self.scheduler.prefix_hits
-                                           / max(1, self.scheduler.prefix_queries)),
-                    model_seconds=self.loop.model_seconds)
+        """A snapshot for metrics, summed over the replicas: read without locks, so each
+        figure is at most a step old."""
+        replicas = self.replicas
+        total = {name: sum(getattr(r.scheduler, name) for r in replicas) for name in
+                 ("num_preemptions", "prefix_queries", "prefix_hits")}
+        blocks = sum(r.blocks.num_blocks for r in replicas)
+        free = sum(r.blocks.num_free for r in replicas)
+        return dict(running=sum(len(r.scheduler.running) for r in replicas),
+                    waiting=sum(len(r.scheduler.waiting) for r in replicas),
+                    in_flight=len(self.registry), kv_blocks=blocks, kv_blocks_free=free,
+                    kv_usage=1.0 - free / blocks, preemptions=total["num_preemptions"],
+                    steps=sum(r.loop.steps for r in replicas), restarts=self.restarts,
+                    replicas=len(replicas),
+                    replicas_failed=sum(r.failure is not None for r in replicas),
+                    prefix_cache_queries=total["prefix_queries"],
+                    prefix_cache_hits=total["prefix_hits"],
+                    prefix_cache_hit_rate=total["prefix_hits"] / max(1, total["prefix_queries"]),
+                    model_seconds=sum(r.loop.model_seconds for r in replicas))
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -237,6 +302,6 @@ class EngineCore:
         start = time.perf_counter()
         self._resources.release_all(deadline)
         # if a thread missed its deadline, its consumers are still woken here
-        self.registry.fail_all(EngineTerminatedError("engine terminated"))
+        self.registry.fail(EngineTerminatedError("engine terminated"))
         self.state = "terminated"
         log.debug("terminated in %.1f ms", (time.perf_counter() - start) * 1e3)

@@ -50,7 +50,8 @@ class Recovery:
                     if self.restarts >= self.max_restarts or stopping():
                         raise WorkerDiedError(
                             death.rank, death.exitcode, f"{death.detail}; {self.restarts} "
-                            f"restarts failed, the last: {e}".lstrip("; ")) from e
+                            f"restarts failed, the last: {e}".lstrip("; "),
+                            death.replica) from e
                     error = e
         finally:
             self.restarting = False
@@ -63,7 +64,7 @@ class Recovery:
         self._kill_group()
         rank = stopped[0] if stopped else 0
         return WorkerDiedError(rank, None, f"step {step_id} took over {self.step_timeout:g} s "
-                                           "(step_timeout): killed as hung")
+                                           "(step_timeout): killed as hung", self.group.label)
 
     def step_failure(self, msg: wire.StepFailed) -> EngineError:
         """A rank whose peer died fails its collective at the moment the peer dies, often
@@ -72,12 +73,13 @@ class Recovery:
         wait_any(self.group.sentinels, timeout=DEATH_NOTICE_S)
         dead = self.group.dead()
         if dead:
-            return WorkerDiedError(*dead[0])
+            return WorkerDiedError(*dead[0], replica=self.group.label)
         failure = f"failed step {msg.step_id}: {msg.error}"
         if self.can_restart:
             self._kill_group()
-            return WorkerDiedError(msg.rank, None, f"{failure}; the group is restarted")
-        return EngineError(f"worker rank {msg.rank} {failure}")
+            return WorkerDiedError(msg.rank, None, f"{failure}; the group is restarted",
+                                   self.group.label)
+        return EngineError(f"worker rank {msg.rank}{self.group.where} {failure}")
 
     def _kill_group(self) -> None:
         for proc in self.group.procs:

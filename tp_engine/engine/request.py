@@ -302,9 +302,13 @@ class Registry:
         with self._lock:
             return self._states.pop(seq_id, None)
 
-    def fail_all(self, error: BaseException) -> None:
+    def fail(self, error: BaseException, seq_ids: list[int] | None = None) -> None:
+        """Finish with `error` the requests of `seq_ids` (None: all)."""
         with self._lock:
-            states, self._states = list(self._states.values()), {}
+            if seq_ids is None:
+                states, self._states = list(self._states.values()), {}
+            else:
+                states = [self._states.pop(i) for i in seq_ids if i in self._states]
         for state in states:
             state.finish("abort", error)
 

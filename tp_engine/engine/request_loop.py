@@ -21,10 +21,10 @@ import zmq
 from tp_engine import wire
 from tp_engine.engine.recovery import Recovery
 from tp_engine.engine.scheduler import Scheduler, Sequence, sequence_setup
-from tp_engine.engine.stream_back import Failure, SeqOutput, StepOutputs, StreamBack
+from tp_engine.engine.stream_back import SeqOutput, StepOutputs, StreamBack
 from tp_engine.engine.waker import Waker
 from tp_engine.engine.worker_group import WorkerGroup
-from tp_engine.errors import EngineError, EngineTerminatedError, WorkerDiedError
+from tp_engine.errors import EngineError, WorkerDiedError
 
 log = logging.getLogger("tp_engine.request_loop")
 
@@ -55,6 +55,7 @@ class RequestLoop:
         self.recovery = Recovery(group, max_restarts, step_timeout)  # what a failure becomes
         self.seqs: dict[int, Sequence] = {}
         self.steps = 0              # steps the workers ran (a run of decode steps counts each)
+        self.released = 0           # the claims (Sequence.claim) of the sequences it finished
         self.model_seconds = 0.0    # and rank 0's time in the model for them
         self._inbox: deque = deque()
         self._releases: list[int] = []  # finished sequences whose rank-0 state can go
@@ -86,6 +87,11 @@ class RequestLoop:
         self._stopping = True
         self._waker.wake()
 
+    def seq_ids(self) -> list[int]:
+        """The sequences it holds, those still in its inbox included: once its thread has
+        ended and nothing more is added, those whose requests its failure fails."""
+        return [*self.seqs, *(item.seq_id for kind, item in list(self._inbox) if kind == "add")]
+
     def join(self, timeout: float) -> bool:
         if self.thread.is_alive():
             self.thread.join(timeout)
@@ -101,17 +107,12 @@ class RequestLoop:
             self._step_loop()
         except _Stopping:
             pass
-        except EngineError as e:
+        except EngineError as e:  # the engine fails this loop's requests (on_failure)
             self.on_failure(e)
-            self.stream_back.queue.put(Failure(e))
         except Exception as e:  # a bug here must still fail requests, not strand them
             log.exception("request loop crashed")
-            error = EngineError(f"request loop crashed: {type(e).__name__}: {e}")
-            self.on_failure(error)
-            self.stream_back.queue.put(Failure(error))
+            self.on_failure(EngineError(f"request loop crashed: {type(e).__name__}: {e}"))
         finally:
-            self.stream_back.queue.put(Failure(EngineTerminatedError("engine terminated")))
-            self.stream_back.stop()
             self.group.send_shutdown()
 
     def _step_loop(self) -> None:
@@ -200,7 +201,8 @@ class RequestLoop:
 
     def _forget(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
-        self.seqs.pop(seq.seq_id, None)
+        if self.seqs.pop(seq.seq_id, None) is not None:
+            self.released += seq.claim
         if seq.rank0_state:
             self._releases.append(seq.seq_id)
 

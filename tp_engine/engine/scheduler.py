@@ -56,6 +56,7 @@ class Sequence:
     needs_setup: bool = True  # (re)admitted: rank 0 builds its state with the next step
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks, in order
     num_registered: int = 0  # its first blocks that are named in the cache
+    claim: int = 0  # the KV blocks it may take at its full length (where replicas place it)
 
     @property
     def num_output(self) -> int:

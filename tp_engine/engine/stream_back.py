@@ -29,8 +29,10 @@ StepOutputs = list[SeqOutput]
 
 @dataclass
 class Failure:
-    """Fail every request in flight with this error."""
+    """Fail the requests of these sequences (None: every request in flight) with this
+    error."""
     error: BaseException
+    seq_ids: list[int] | None = None
 
 
 STOP = object()
@@ -54,7 +56,7 @@ class StreamBack:
                 return
             try:
                 if isinstance(item, Failure):
-                    self.registry.fail_all(item.error)
+                    self.registry.fail(item.error, item.seq_ids)
                 else:
                     self._route(item)
             except Exception:  # a bad request must not take the others down with it

@@ -88,9 +88,15 @@ atexit.register(_stop_forkserver)
 
 
 class WorkerGroup:
-    def __init__(self, config: EngineConfig, ipc_dir: str):
+    """`replica`: which of the engine's data-parallel groups this is; its sockets and
+    rendezvous live in `ipc_dir`, its own."""
+
+    def __init__(self, config: EngineConfig, ipc_dir: str, replica: int = 0):
         self.config = config
         self.size = config.tensor_parallel_size
+        self.replica = replica
+        # errors name the replica only where there is more than one
+        self.label = replica if config.data_parallel_size > 1 else None
         self.ipc_dir = ipc_dir
         self.ctx = zmq.Context()
         self.router, self.endpoint = wire.bind_router(
@@ -128,9 +134,10 @@ class WorkerGroup:
         for rank in range(self.size):
             reader, writer = ctx.Pipe(duplex=False)
             args = WorkerArgs(self.config, rank, self.size, self.endpoint, init_method,
-                              os.getpid())
-            proc = ctx.Process(target=worker_main, args=(args, reader),
-                               name=f"tp-engine-worker-{rank}", daemon=True)
+                              os.getpid(), replica=self.replica)
+            name = "tp-engine-worker-" + (f"{self.label}-" if self.label is not None else "")
+            proc = ctx.Process(target=worker_main, args=(args, reader), name=f"{name}{rank}",
+                               daemon=True)
             self.procs.append(proc)
             self._alive_writers.append(writer)
             _start_without_main(proc)
@@ -146,8 +153,8 @@ class WorkerGroup:
         while len(self.ready) < self.size:
             if deadline.left() == 0:
                 missing = sorted(set(range(self.size)) - set(self.ready))
-                raise EngineError(f"worker ranks {missing} not ready after {timeout:.0f} s "
-                                  f"(startup_timeout)")
+                raise EngineError(f"worker ranks {missing}{self.where} not ready after "
+                                  f"{timeout:.0f} s (startup_timeout)")
             events = dict(poller.poll(deadline.left() * 1000))
             while self.router.poll(0):  # messages first: a LoadFailed says more than a death
                 self._on_startup_message(self.recv())
@@ -158,14 +165,14 @@ class WorkerGroup:
                     self._on_startup_message(self.recv())
                 error = self.died(fired[0])
                 raise WorkerDiedError(error.rank, error.exitcode,
-                                      f"while loading {self.config.model}")
+                                      f"while loading {self.config.model}", self.label)
 
     def _on_startup_message(self, msg: wire.Message | None) -> None:
         if isinstance(msg, wire.Ready):
             self.ready[msg.rank] = msg
         elif isinstance(msg, wire.LoadFailed):
-            raise EngineError(f"worker rank {msg.rank} failed to load {self.config.model}: "
-                              f"{msg.error}")
+            raise EngineError(f"worker rank {msg.rank}{self.where} failed to load "
+                              f"{self.config.model}: {msg.error}")
 
     def recv(self) -> wire.Message | None:
         """One message from any worker; None for a malformed frame (logged and dropped)."""
@@ -196,11 +203,15 @@ class WorkerGroup:
         """The error for the worker whose sentinel fired; its exit status can lag a moment."""
         rank = self.sentinels.index(sentinel)
         self.procs[rank].join(0.5)
-        return WorkerDiedError(rank, self.procs[rank].exitcode)
+        return WorkerDiedError(rank, self.procs[rank].exitcode, replica=self.label)
 
     def dead(self) -> list[tuple[int, int | None]]:
         return [(rank, proc.exitcode) for rank, proc in enumerate(self.procs)
                 if not proc.is_alive()]
+
+    @property
+    def where(self) -> str:
+        return "" if self.label is None else f" of replica {self.label}"
 
     def reap(self, deadline: Deadline, grace: bool = True) -> None:
         """Wait for the workers to leave; then SIGTERM, then SIGKILL, all within the deadline

@@ -24,14 +24,23 @@ from tp_engine.model.packed_linear import linear
 
 @dataclass(frozen=True)
 class TensorParallel:
-    """This rank's place in the tensor-parallel group; one object shared by every layer."""
+    """This rank's place in the tensor-parallel group; one object shared by every layer.
+    `group` is the process group of the ranks (None: the whole world) and `first` the global
+    rank of its rank 0: under torchrun with data-parallel replicas, one group of the world's."""
 
     rank: int = 0
     size: int = 1
+    group: Any = None
+    first: int = 0
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: Any = None) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(x)
+            dist.all_reduce(x, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
+        return x
+
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.broadcast(x, src=self.first, group=self.group)
         return x
 
     def gather_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -39,9 +48,8 @@ class TensorParallel:
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
-        dist.gather(x.contiguous(), parts, dst=0)
+        dist.gather(x.contiguous(), parts, dst=self.first, group=self.group)
         return torch.cat(parts, dim=-1) if parts is not None else None
-
 
     def shard(self, size: int, unit: int = 1) -> range:
         """This rank's contiguous share of `size` elements, cut in whole `unit`s."""

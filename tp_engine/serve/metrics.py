@@ -44,6 +44,8 @@ class _EngineCollector(Collector):
             ("kv_cache_usage", "Share of KV-cache blocks in use (0 to 1)", stats["kv_usage"]),
             ("kv_blocks", "KV-cache blocks in all", stats["kv_blocks"]),
             ("kv_blocks_free", "KV-cache blocks free", stats["kv_blocks_free"]),
+            ("replicas_live", "Worker groups serving (data parallel)",
+             stats["replicas"] - stats["replicas_failed"]),
             ("prefix_cache_hit_rate", "Share of admitted prompt tokens found in the prefix "
                                       "cache (0 to 1)", stats["prefix_cache_hit_rate"]),
         ):

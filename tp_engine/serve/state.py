@@ -54,7 +54,7 @@ class ServerState:
         if self.phase == "serving" and self.engine is not None:
             if self.engine.state != "running":
                 return "failed"
-            if self.engine.core.loop.restarting:  # a worker died: a new group is starting
+            if self.engine.core.restarting:  # a worker died: a new group is starting
                 return "restarting"
         return self.phase
 

@@ -10,17 +10,25 @@ import torch.distributed as dist
 
 from tp_engine.model.parallel import TensorParallel
 
+_replica: TensorParallel | None = None  # this rank's replica, when torchrun's world has several
+
 
 def init_distributed(rank: int, world_size: int, init_method: str, device: str,
-                     timeout_s: float = 60.0) -> TensorParallel:
+                     timeout_s: float = 60.0, device_index: int | None = None,
+                     ranks_here: int | None = None) -> TensorParallel:
     """Join the group of `world_size` ranks. `init_method` is a `tcp://host:port` of rank 0's
-    store, or `env://` under torchrun."""
+    store, or `env://` under torchrun. `device_index`: the GPU (default: the local rank);
+    `ranks_here`: the worker processes that share this machine's cores (default: the group)."""
     if device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", rank)) % max(1, torch.cuda.device_count())
+        local = device_index if device_index is not None else int(
+            os.environ.get("LOCAL_RANK", rank)) % max(1, torch.cuda.device_count())
         torch.cuda.set_device(local)
     else:
         # Oversubscribed intra-op threads make CPU ranks several times slower.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ranks_here or world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
+    if _replica is not None:  # torchrun's world, cut into replicas (split_replicas)
+        return _replica
     if world_size > 1 and not dist.is_initialized():  # under torchrun it may be up already
         backend = "nccl" if device == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank,
@@ -28,7 +36,34 @@ def init_distributed(rank: int, world_size: int, init_method: str, device: str,
     return TensorParallel(rank=rank, size=world_size)
 
 
+def split_replicas(tensor_parallel_size: int) -> TensorParallel:
+    """Cut torchrun's world into replicas of `tensor_parallel_size` consecutive ranks, each
+    with a process group of its own (every rank makes every group, in the same order, as
+    new_group requires); this rank's replica from now on."""
+    global _replica
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = None
+    for first in range(0, world, tensor_parallel_size):
+        ranks = list(range(first, first + tensor_parallel_size))
+        group = dist.new_group(ranks) if tensor_parallel_size > 1 else None
+        if rank in ranks:
+            mine = TensorParallel(rank - first, tensor_parallel_size, group, first)
+    _replica = mine
+    return mine
+
+
+def replica_parallel() -> TensorParallel:
+    """This rank's tensor-parallel group under torchrun: its replica, else the world."""
+    if _replica is not None:
+        return _replica
+    if not dist.is_initialized():
+        return TensorParallel()
+    return TensorParallel(dist.get_rank(), dist.get_world_size())
+
+
 def destroy_distributed() -> None:
+    global _replica
+    _replica = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -39,8 +74,9 @@ def current_device(device: str) -> torch.device:
 
 
 def share_string(value: str | None, device: str, size: int = 512) -> str:
-    """Rank 0's `value`, on every rank, through a collective: how ranks started by torchrun
-    learn where the controller listens (no pickling, no private store API)."""
+    """The replica's first rank's `value`, on every rank of it, through a collective: how
+    ranks started by torchrun learn where their controller listens (no pickling, no private
+    store API)."""
     where = current_device(device)
     buf = torch.zeros(size, dtype=torch.uint8, device=where)
     if value is not None:
@@ -48,5 +84,5 @@ def share_string(value: str | None, device: str, size: int = 512) -> str:
         if len(data) > size:
             raise ValueError(f"{value!r} is longer than {size} bytes")
         buf[:len(data)] = torch.tensor(list(data), dtype=torch.uint8)
-    dist.broadcast(buf, src=0)
+    replica_parallel().broadcast_from_first(buf)
     return bytes(buf.cpu().tolist()).rstrip(b"\0").decode()

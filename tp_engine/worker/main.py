@@ -34,6 +34,7 @@ class WorkerArgs:
     init_method: str       # the process group's rendezvous
     controller_pid: int
     owns_group: bool = True  # False for rank 0 under torchrun: the controller destroys it last
+    replica: int = 0         # its worker group, of the engine's data_parallel_size
 
 
 def worker_main(args: WorkerArgs, alive: Connection | None) -> None:
@@ -80,7 +81,10 @@ def _load(args: WorkerArgs):
     cfg = args.config
     dtype = cfg.worker_dtype()
     tp = init_distributed(args.rank, args.world_size, args.init_method, cfg.device,
-                          timeout_s=cfg.startup_timeout)
+                          timeout_s=cfg.startup_timeout,
+                          device_index=None if cfg.start_method == "torchrun"
+                          else args.replica * args.world_size + args.rank,
+                          ranks_here=cfg.num_workers)
     return ModelRunner(cfg, tp, dtype)  # load_model checks that the TP size fits the model
 
 

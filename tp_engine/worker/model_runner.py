@@ -148,13 +148,12 @@ class ModelRunner:
         elif cfg.kv_cache_memory_gb is not None:
             budget = cfg.kv_cache_memory_gb * (1 << 30)
         else:
-            budget = cpu_kv_budget(int(os.environ.get("LOCAL_WORLD_SIZE", self.tp.size)))
+            budget = cpu_kv_budget(int(os.environ.get("LOCAL_WORLD_SIZE", cfg.num_workers)))
         # never more than every sequence at full length could use, plus a spare
         enough = cfg.max_num_seqs * -(-cfg.max_model_len // cfg.block_size) + 1
         blocks = torch.tensor([min(int(budget // self._bytes_per_block()), enough)],
                               device=self.device)
-        if self.tp.size > 1:
-            dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
+        self.tp.all_reduce(blocks, op=dist.ReduceOp.MIN)
         if int(blocks) < 2:
             raise MemoryError(f"rank {self.tp.rank}: no room for a KV cache "
                               f"({self._bytes_per_block()} bytes a block)")
@@ -366,5 +365,5 @@ class ModelRunner:
         else:
             flag = torch.tensor([int(stop)], dtype=torch.long, device=tokens.device)
             shared = torch.cat([tokens, flag]).to(self.device)
-        dist.broadcast(shared, src=0)
+        self.tp.broadcast_from_first(shared)
         return shared[:-1], bool(shared[-1])
