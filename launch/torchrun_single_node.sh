@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One node, one rank per GPU: rank 0 hosts the controller, the others run the worker loop.
 #   launch/torchrun_single_node.sh MODEL IN.jsonl OUT.jsonl [more tp-engine batch flags]
+# --dp D splits the ranks into D replicas of NPROC/D ranks (tensor parallel within each), each
+# with its own controller and part file, merged into OUT at the end: on 8 GPUs an 8B model
+# runs fastest as `--dp 4` (four replicas of TP 2).
 # NPROC defaults to the number of GPUs (2 CPU ranks on a machine without one).
 set -euo pipefail
 model=$1 input=$2 output=$3

@@ -213,3 +213,62 @@ def test_a_rerun_records_every_bad_line_once(tiny_model, tmp_path):
         f.write("".join(first.splitlines(keepends=True)[:4]).encode() + b'{"id": "batch_re')
     subprocess.run(cmd, check=True, env=ENV, timeout=60, capture_output=True)
     assert record_identities(out) == expect
+
+
+def leftover_parts(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.glob(out.name + ".*"))
+
+
+@pytest.mark.timeout(120)
+def test_torchrun_four_ranks_as_two_replicas_of_two(tiny_model, reference, tmp_path):
+    inp, expect = reference
+    out = tmp_path / "out.jsonl"
+    cmd = torchrun_cmd("--nproc-per-node", "4", "--master-port", str(free_port()))
+    job = subprocess.run([*cmd, *batch_cmd(tiny_model, inp, out, "--dp", "2")[3:]],
+                         check=True, env=ENV, timeout=100, capture_output=True, text=True)
+    assert results(out) == expect
+    assert "replica 1: batch done" in job.stderr and "merged 2 parts: 62 records" in job.stderr
+    assert not leftover_parts(out)
+
+
+@pytest.mark.timeout(150)
+def test_sigkill_of_a_random_rank_of_two_replicas_then_rerun_gives_each_request_once(
+        tiny_model, reference, tmp_path):
+    inp, expect = reference
+    out = tmp_path / "out.jsonl"
+    rng = random.Random(11)
+    cmd = [*torchrun_cmd("--nproc-per-node", "4", "--master-port", str(free_port())),
+           *batch_cmd(tiny_model, inp, out, "--dp", "2", "--max-in-flight", "2")[3:]]
+    job = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    parts = [tmp_path / f"out.jsonl.part-{i}-of-2" for i in range(2)]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(p.exists() and p.stat().st_size
+                                                  for p in parts):
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 1.0))
+    ranks = [p for p in psutil.Process(job.pid).children(recursive=True)
+             if "tp_engine" in " ".join(p.cmdline())]
+    assert len(ranks) == 4
+    rng.choice(ranks).kill()
+    assert job.wait(timeout=60) != 0
+    done_before = sum(len(read_done(p)) for p in parts if p.exists())
+    assert 0 < done_before < len(expect) and not out.exists()
+    subprocess.run([*cmd[:-2], "--max-in-flight", "64"], check=True, env=ENV, timeout=100,
+                   capture_output=True)
+    assert results(out) == expect
+    assert not leftover_parts(out)
+
+
+@pytest.mark.timeout(120)
+def test_two_replicas_on_two_torchrun_nodes_on_loopback(tiny_model, reference, tmp_path):
+    inp, expect = reference
+    out = tmp_path / "out.jsonl"
+    port = str(free_port())
+    nodes = [subprocess.Popen(
+        [*torchrun_cmd("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "2",
+                       "--master-addr", "127.0.0.1", "--master-port", port),
+         *batch_cmd(tiny_model, inp, out, "--dp", "2")[3:]],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for rank in (0, 1)]
+    assert [n.wait(timeout=100) for n in nodes] == [0, 0]
+    assert results(out) == expect

@@ -28,10 +28,12 @@ def run_mode(capsys, *argv: str) -> str:
 def test_throughput(capsys, tiny_model):
     out = run_mode(capsys, "throughput", tiny_model, *TINY_RUN, "--requests", "4", "--runs", "1",
                    "--prompt-len", "4,12", "--output-len", "2,6", "--hf-batch-sizes", "2",
-                   "--shared-prefix", "32")
+                   "--shared-prefix", "32", "--splits", "1x1,2x1")
     assert "### throughput" in out and "after a shared prefix of 32" in out
-    engine_row = next(line for line in out.splitlines() if line.startswith("| tp-engine TP=1 |"))
-    assert engine_row.split("|")[-2].strip() not in ("0%", "-")  # 3 of 4 find the prefix
+    rows = [line for line in out.splitlines() if line.startswith("| tp-engine ")]
+    assert [row.split("|")[1].strip() for row in rows[:2]] == ["tp-engine TP=1",
+                                                              "tp-engine DP=2 TP=1"]
+    assert rows[0].split("|")[-2].strip() not in ("0%", "-")  # 3 of 4 find the prefix
     assert "transformers generate, batch 2" in out and "speed-up" in out
     assert "| torch |" in out and "| cores |" in out  # the machine is described
 

@@ -151,10 +151,26 @@ class Writer:
 
 
 async def run_batch(engine, input_path: Path, output_path: Path, max_in_flight: int = 64,
-                    progress: bool = True) -> BatchSummary:
+                    progress: bool = True, share: tuple[int, int] = (0, 1)) -> BatchSummary:
+    """`share`: (this replica, replicas) of a job split among data-parallel replicas, which
+    serves only its lines, into its own part file (tp_engine/batch_parts)."""
+    from tp_engine.batch_parts import already_merged, owner, part_path
+
+    index, replicas = share
     summary = BatchSummary()
-    done = read_done(output_path)
-    summary.total = sum(1 for _ in read_requests(input_path))
+    if replicas == 1:
+        done = read_done(output_path)
+    else:
+        done = already_merged(output_path)
+        output_path = part_path(output_path, index, replicas)
+        done |= read_done(output_path)
+
+    def mine(number: int, request: Any) -> bool:
+        custom_id = request.get("custom_id") if isinstance(request, dict) else None
+        return replicas == 1 or owner(custom_id, number, replicas) == index
+
+    summary.total = sum(1 for number, request, _ in read_requests(input_path)
+                        if mine(number, request))
     writer = Writer(output_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -193,6 +209,8 @@ async def run_batch(engine, input_path: Path, output_path: Path, max_in_flight: 
     try:
         first_line: dict[str, int] = {}  # custom_id -> the line that uses it first
         for number, request, problem in read_requests(input_path):
+            if not mine(number, request):
+                continue
             custom_id = request.get("custom_id") if isinstance(request, dict) else None
             if custom_id is not None:
                 first = first_line.setdefault(id_key(custom_id), number)

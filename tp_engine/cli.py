@@ -51,20 +51,35 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     from tp_engine import AsyncEngine
     from tp_engine.batch import EXIT_PREEMPTED, run_batch
+    from tp_engine.batch_parts import mark_complete, merge, wait_for_parts
+
+    index, replicas = getattr(args, "share", (0, 1))  # a replica's share, under torchrun
+    output = Path(args.output)
 
     async def main() -> int:
         engine = AsyncEngine(**engine_kwargs(args))
         try:
-            summary = await run_batch(engine, Path(args.input), Path(args.output),
-                                      args.max_in_flight, progress=not args.no_progress)
+            summary = await run_batch(engine, Path(args.input), output, args.max_in_flight,
+                                      progress=not args.no_progress, share=(index, replicas))
         except OSError as e:  # the output cannot be written: say which file, and why
             print(f"error: cannot write {args.output}: {e}; what is there is kept, "
                   "rerun to finish", file=sys.stderr)
             return 1
         finally:
             engine.terminate()
-        print(summary.line(), file=sys.stderr)
-        return EXIT_PREEMPTED if summary.preempted else 0
+        print(summary.line() if replicas == 1 else f"replica {index}: {summary.line()}",
+              file=sys.stderr)
+        if summary.preempted:
+            return EXIT_PREEMPTED
+        if replicas > 1:
+            mark_complete(output, index, replicas)
+            if index == 0:  # the first replica merges, once every part is complete
+                if not await wait_for_parts(output, replicas):
+                    return EXIT_PREEMPTED
+                count = merge(Path(args.input), output, replicas)
+                print(f"merged {replicas} parts: {count} records in {output}",
+                      file=sys.stderr)
+        return 0
 
     return asyncio.run(main())
 
@@ -154,22 +169,34 @@ def add_debug_flag(parser: argparse.ArgumentParser, default: object = False) -> 
 
 
 def run_under_torchrun(args: argparse.Namespace, rank: int, world_size: int) -> int:
-    """torchrun started this process as one rank: rank 0 runs the subcommand with the
+    """torchrun started this process as one rank. The world is `--dp` replicas of
+    world/dp consecutive ranks; the first rank of each runs the subcommand with its replica's
     controller, every other rank runs the worker loop only."""
-    from tp_engine.engine.torchrun_group import master_host, run_rank
-    from tp_engine.worker.distributed import init_distributed
+    from tp_engine.engine.torchrun_group import controller_host, run_rank
+    from tp_engine.worker.distributed import init_distributed, split_replicas
 
-    kwargs = dict(engine_kwargs(args), tensor_parallel_size=world_size, start_method="torchrun")
-    kwargs.setdefault("host", master_host())
+    kwargs = dict(engine_kwargs(args))
+    replicas = kwargs.pop("data_parallel_size", 1)
+    if world_size % replicas:
+        raise ConfigError(f"--dp {replicas} does not divide torchrun's {world_size} ranks")
+    if replicas > 1 and args.run is not cmd_batch:
+        raise ConfigError("under torchrun, --dp splits a batch job (tp-engine batch) only")
+    size = world_size // replicas
+    index, tp_rank = divmod(rank, size)
+    kwargs.update(tensor_parallel_size=size, start_method="torchrun")
+    kwargs.setdefault("host", controller_host(rank - tp_rank))
     args.engine_overrides = kwargs
+    args.share = (index, replicas)
     try:
         config = EngineConfig(**kwargs)
     except (OSError, ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
     init_distributed(rank, world_size, "env://", config.device, config.startup_timeout)
-    if rank == 0:
+    if replicas > 1:
+        split_replicas(size)
+    if tp_rank == 0:
         return args.run(args)
-    return run_rank(config, rank, world_size)
+    return run_rank(config, tp_rank, size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -386,7 +386,7 @@ class Sim:
         loop.stream_back = SimpleNamespace(queue=SimpleNamespace(put=self._stream))
         loop.max_model_len = w.max_model_len
         loop.seqs, loop._releases = {}, []
-        loop.steps, loop.model_seconds = 0, 0.0
+        loop.steps, loop.model_seconds, loop.released = 0, 0.0, 0
         loop._inbox, loop._stopping, loop._step_ids = deque(), False, itertools.count()
         loop._await = self._await
         self.loop = loop

@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="transformers batch sizes, comma separated; empty: no baseline")
     p.add_argument("--shared-prefix", type=int, default=0, metavar="N",
                    help="tokens every prompt of a run starts with")
+    p.add_argument("--splits", default="", metavar="DPxTP,...",
+                   help="engines to run side by side, as data-parallel x tensor-parallel "
+                        "sizes (2x1,1x2: the same workers split two ways); default: the "
+                        "engine the flags give")
 
 
 def pair(text: str) -> tuple[int, int]:
@@ -52,12 +56,30 @@ def run_engine(engine, requests: list[Request]) -> tuple[float, int]:
     return seconds, requested
 
 
+def splits(text: str, engine_kwargs: dict) -> list[tuple[int, int]]:
+    """(data-parallel, tensor-parallel) sizes of each engine to run."""
+    if not text.strip():
+        return [(engine_kwargs.get("data_parallel_size", 1),
+                 engine_kwargs.get("tensor_parallel_size", 1))]
+    try:
+        return [(int(dp), int(tp)) for dp, tp in (s.lower().split("x") for s in text.split(","))]
+    except ValueError:
+        raise SystemExit(f"--splits: expected DPxTP,... (like 2x1,1x2), got {text!r}") from None
+
+
+def engine_name(dp: int, tp: int) -> str:
+    return f"tp-engine DP={dp} TP={tp}" if dp > 1 else f"tp-engine TP={tp}"
+
+
 def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
     from tp_engine import Engine
 
-    tps, batch_sizes = [engine_kwargs.get("tensor_parallel_size", 1)], ints(args.hf_batch_sizes)
-    engines = {tp: Engine(**{**engine_kwargs, "tensor_parallel_size": tp}) for tp in tps}
+    batch_sizes = ints(args.hf_batch_sizes)
+    engines = {}
     try:
+        for dp, tp in splits(args.splits, engine_kwargs):
+            engines[engine_name(dp, tp)] = Engine(**{**engine_kwargs, "data_parallel_size": dp,
+                                                     "tensor_parallel_size": tp})
         first = next(iter(engines.values()))
         vocab, path = first.core.model_config.vocab_size, first.config.model
 
@@ -74,36 +96,37 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
             hf_baseline.generate(hf, requests(-1)[:2], 2)  # warm-up
         for engine in engines.values():
             run_engine(engine, requests(-1)[:4])  # warm-up: first-call allocations and kernels
-        before = {tp: engine.core.stats() for tp, engine in engines.items()}
+        before = {name: engine.core.stats() for name, engine in engines.items()}
         times: dict[str, list[float]] = {}
         tokens = sum(r.max_tokens for r in requests(0))
         for index in range(args.runs):
             work = requests(index)
-            for tp, engine in engines.items():
-                times.setdefault(f"tp-engine TP={tp}", []).append(run_engine(engine, work)[0])
+            for name, engine in engines.items():
+                times.setdefault(name, []).append(run_engine(engine, work)[0])
             for size in batch_sizes:
                 seconds = hf_baseline.generate(hf, work, size)[0]
                 times.setdefault(f"transformers generate, batch {size}", []).append(seconds)
-        hit_rates = {f"tp-engine TP={tp}": common.hit_rate(before[tp], engine.core.stats())
-                     for tp, engine in engines.items()}
+        hit_rates = {name: common.hit_rate(before[name], engine.core.stats())
+                     for name, engine in engines.items()}
     finally:
         for engine in engines.values():
             engine.terminate()
-    report(args, times, tokens, engine_kwargs, hit_rates)
+    report(args, times, tokens, engine_kwargs, hit_rates, engines)
     return 0
 
 
 def report(args: argparse.Namespace, times: dict[str, list[float]], tokens: int,
-           engine_kwargs: dict, hit_rates: dict[str, float]) -> None:
+           engine_kwargs: dict, hit_rates: dict[str, float], engines: dict) -> None:
     rows, rates = [], {}
     for name, runs in times.items():
         rates[name] = tokens / common.median(runs)
         rows.append([name, f"{rates[name]:.0f}", f"{common.median(runs):.2f}",
                      f"{tokens / max(runs):.0f}-{tokens / min(runs):.0f}", len(runs),
                      f"{hit_rates[name]:.0%}" if name in hit_rates else "-"])
+    threads = ", ".join(f"{common.worker_threads(e.config.num_workers)} ({name})"
+                        for name, e in engines.items())
     common.print_machine(common.machine({
-        "engine worker threads": str(common.worker_threads(
-            engine_kwargs.get("tensor_parallel_size", 1))),
+        "engine worker threads": threads,
         "model": engine_kwargs["model"], "device": engine_kwargs.get("device", "auto")}))
     common.print_table(
         f"throughput: {args.requests} requests, prompts {args.prompt_len} tokens"

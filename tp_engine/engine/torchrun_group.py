@@ -7,6 +7,7 @@ rank 0 destroys its own group last."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -72,6 +73,19 @@ def torchrun_env() -> tuple[int, int] | None:
 def master_host() -> str:
     """The address other nodes reach rank 0 at: torchrun's MASTER_ADDR, as an IP to bind."""
     return socket.gethostbyname(os.environ.get("MASTER_ADDR", "127.0.0.1"))
+
+
+def controller_host(first_rank: int) -> str:
+    """Where the controller of the replica whose first rank is `first_rank` (this process)
+    listens: MASTER_ADDR on rank 0; elsewhere this node's address on the interface that
+    reaches MASTER_ADDR, which the ranks on other nodes reach too (a UDP connect picks the
+    interface and sends nothing)."""
+    master = master_host()
+    if first_rank == 0 or ipaddress.ip_address(master).is_loopback:
+        return master
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((master, 9))
+        return probe.getsockname()[0]
 
 
 def run_rank(config: EngineConfig, rank: int, world_size: int) -> int:
