@@ -87,10 +87,15 @@ def test_sigkill_at_three_random_moments_then_rerun_gives_each_request_once(
     out = tmp_path / "out.jsonl"
     rng = random.Random(7)
     for _ in range(3):
+        size = out.stat().st_size if out.exists() else 0
         job = subprocess.Popen(batch_cmd(tiny_model, inp, out, "--tp", "2",
                                          "--max-in-flight", "2"), env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(2.0, 5.0))
+        deadline = time.monotonic() + 60  # until this run has written something
+        while time.monotonic() < deadline and (out.stat().st_size if out.exists() else 0) \
+                <= size + 45:  # more than the torn line left by the last kill
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.5))
         job.send_signal(signal.SIGKILL)
         job.wait()
         with out.open("ab") as f:  # a torn last line, as a kill in mid-write leaves
