@@ -22,13 +22,11 @@ import time
 
 from tp_engine import wire
 from tp_engine.config import EngineConfig
-from tp_engine.engine.block_manager import BlockManager
-from tp_engine.engine.replica import Replica, choose
+from tp_engine.engine.replica import Replica, choose, replica_stats
 from tp_engine.engine.request import Registry, RequestState, SyncSink
-from tp_engine.engine.request_loop import RequestLoop
 from tp_engine.engine.resources import Deadline, Resources
 from tp_engine.engine.sampling_params import SamplingParams
-from tp_engine.engine.scheduler import Scheduler, Sequence
+from tp_engine.engine.scheduler import Sequence
 from tp_engine.engine.stream_back import Failure, StreamBack
 from tp_engine.engine.tokenizer import Tokenizer
 from tp_engine.engine.torchrun_group import TorchrunGroup
@@ -87,24 +85,11 @@ class EngineCore:
         self.stream_back = StreamBack(self.registry, self.abort_seq)
         self.stream_back.start()
         self._resources.acquired("stream-back thread", self._release_stream_back)
-        self.replicas = [self._replica(group) for group in self.groups]
+        self.replicas = [Replica.serve(group, cfg, self.stream_back, self._on_failure)
+                         for group in self.groups]
         self._resources.acquired("request loops", self._release_loops)
         for replica in self.replicas:
             replica.loop.start()
-
-    def _replica(self, group: WorkerGroup) -> Replica:
-        cfg = self.config
-        blocks = BlockManager(group.ready[0].num_kv_blocks, cfg.block_size,
-                              caching=cfg.enable_prefix_caching)
-        log.info("KV cache: %d blocks of %d tokens a rank%s (%s)", blocks.num_blocks,
-                 cfg.block_size, group.where, cfg.kv_cache_sizing)
-        scheduler = Scheduler(blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                              cfg.max_model_len, cfg.decode_steps, cfg.decode_run_seconds)
-        replica = Replica(group.replica, group, blocks, scheduler, None)
-        replica.loop = RequestLoop(group, scheduler, self.stream_back, cfg.max_model_len,
-                                   lambda error: self._on_failure(replica, error),
-                                   cfg.max_restarts, cfg.step_timeout)
-        return replica
 
     def _release_loops(self, deadline: Deadline) -> None:
         for replica in self.replicas:
@@ -274,22 +259,7 @@ class EngineCore:
     def stats(self) -> dict[str, float]:
         """A snapshot for metrics, summed over the replicas: read without locks, so each
         figure is at most a step old."""
-        replicas = self.replicas
-        total = {name: sum(getattr(r.scheduler, name) for r in replicas) for name in
-                 ("num_preemptions", "prefix_queries", "prefix_hits")}
-        blocks = sum(r.blocks.num_blocks for r in replicas)
-        free = sum(r.blocks.num_free for r in replicas)
-        return dict(running=sum(len(r.scheduler.running) for r in replicas),
-                    waiting=sum(len(r.scheduler.waiting) for r in replicas),
-                    in_flight=len(self.registry), kv_blocks=blocks, kv_blocks_free=free,
-                    kv_usage=1.0 - free / blocks, preemptions=total["num_preemptions"],
-                    steps=sum(r.loop.steps for r in replicas), restarts=self.restarts,
-                    replicas=len(replicas),
-                    replicas_failed=sum(r.failure is not None for r in replicas),
-                    prefix_cache_queries=total["prefix_queries"],
-                    prefix_cache_hits=total["prefix_hits"],
-                    prefix_cache_hit_rate=total["prefix_hits"] / max(1, total["prefix_queries"]),
-                    model_seconds=sum(r.loop.model_seconds for r in replicas))
+        return dict(replica_stats(self.replicas), in_flight=len(self.registry))
 
     # --- lifecycle -------------------------------------------------------------------------
 

@@ -11,13 +11,19 @@ scheduler has seen one of them."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from tp_engine.config import EngineConfig
 from tp_engine.engine.block_manager import BlockManager
 from tp_engine.engine.request_loop import RequestLoop
 from tp_engine.engine.scheduler import Scheduler, Sequence
+from tp_engine.engine.stream_back import StreamBack
 from tp_engine.engine.worker_group import WorkerGroup
 from tp_engine.errors import EngineError
+
+log = logging.getLogger("tp_engine.engine")
 
 
 @dataclass(eq=False)
@@ -29,6 +35,24 @@ class Replica:
     loop: RequestLoop
     placed: int = 0  # the claims of every sequence placed here (under the engine's lock)
     failure: EngineError | None = None  # set when its group failed for good
+
+    @classmethod
+    def serve(cls, group: WorkerGroup, config: EngineConfig, stream_back: StreamBack,
+              on_failure: Callable[[Replica, EngineError], None]) -> Replica:
+        """The replica of a READY group: its block manager, scheduler and request loop (not
+        started yet)."""
+        blocks = BlockManager(group.ready[0].num_kv_blocks, config.block_size,
+                              caching=config.enable_prefix_caching)
+        log.info("KV cache: %d blocks of %d tokens a rank%s (%s)", blocks.num_blocks,
+                 config.block_size, group.where, config.kv_cache_sizing)
+        scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                              config.max_model_len, config.decode_steps,
+                              config.decode_run_seconds)
+        replica = cls(group.replica, group, blocks, scheduler, None)
+        replica.loop = RequestLoop(group, scheduler, stream_back, config.max_model_len,
+                                   lambda error: on_failure(replica, error),
+                                   config.max_restarts, config.step_timeout)
+        return replica
 
     @property
     def room(self) -> int:
@@ -45,3 +69,23 @@ def choose(replicas: list[Replica]) -> Replica | None:
     """The live replica with the most free room (the first of equals); None if none lives."""
     live = [r for r in replicas if r.failure is None]
     return max(live, key=lambda r: r.room) if live else None
+
+
+def replica_stats(replicas: list[Replica]) -> dict[str, float]:
+    """The engine's figures for metrics, summed over its replicas."""
+    total = {name: sum(getattr(r.scheduler, name) for r in replicas) for name in
+             ("num_preemptions", "prefix_queries", "prefix_hits")}
+    blocks = sum(r.blocks.num_blocks for r in replicas)
+    free = sum(r.blocks.num_free for r in replicas)
+    return dict(running=sum(len(r.scheduler.running) for r in replicas),
+                waiting=sum(len(r.scheduler.waiting) for r in replicas),
+                kv_blocks=blocks, kv_blocks_free=free, kv_usage=1.0 - free / blocks,
+                preemptions=total["num_preemptions"],
+                steps=sum(r.loop.steps for r in replicas),
+                restarts=sum(r.loop.restarts for r in replicas),
+                replicas=len(replicas),
+                replicas_failed=sum(r.failure is not None for r in replicas),
+                prefix_cache_queries=total["prefix_queries"],
+                prefix_cache_hits=total["prefix_hits"],
+                prefix_cache_hit_rate=total["prefix_hits"] / max(1, total["prefix_queries"]),
+                model_seconds=sum(r.loop.model_seconds for r in replicas))
