@@ -83,8 +83,9 @@ def test_memory(capsys, tiny_model):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_attention_fast_paths_agree(seed, monkeypatch):
-    """Random mixed steps through the grouped attention, split as often as possible, equal
-    the same steps computed as one group each for decodes and prefills."""
+    """Random mixed steps through the grouped attention, split as often as possible and
+    reading shared leading blocks once, equal the same steps computed as one group each for
+    decodes and prefills, every block gathered per sequence."""
     import tp_engine.model.attention_groups as meta_module
     from tp_engine.model.attention import AttentionMetadata, paged_attention
 
@@ -94,9 +95,12 @@ def test_attention_fast_paths_agree(seed, monkeypatch):
     for _ in range(20):
         n = rng.randint(1, 10)
         free = rng.sample(range(blocks), blocks)
-        starts = [rng.randint(0, 40) for _ in range(n)]
+        share = rng.choice([0, 1, 3])  # leading blocks of every table, before every start
+        prefix = [free.pop() for _ in range(share)]
+        starts = [rng.randint(share * bs, 40) for _ in range(n)]
         lens = [1 if rng.random() < 0.6 else rng.randint(2, 20) for _ in range(n)]
-        tables = [[free.pop() for _ in range(-(-(s + q) // bs))] for s, q in zip(starts, lens)]
+        tables = [prefix + [free.pop() for _ in range(-(-(s + q) // bs) - share)]
+                  for s, q in zip(starts, lens)]
         tokens = sum(lens)
         q = torch.randn(tokens, kv * group, dim)
         k, v = torch.randn(tokens, kv, dim), torch.randn(tokens, kv, dim)
@@ -109,3 +113,40 @@ def test_attention_fast_paths_agree(seed, monkeypatch):
             meta = AttentionMetadata.build(starts, lens, tables, bs, window)
             results.append(paged_attention(q, k, v, cache.clone(), meta, 0.3))
         torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_a_decode_run_reads_shared_blocks_once_and_computes_the_same(seed, monkeypatch):
+    """Every step of a run of decode steps over sequences that share their first blocks
+    (some ending early, so the run cuts its groups) equals the run gathered per sequence."""
+    import tp_engine.model.attention_groups as meta_module
+    from tp_engine.model.attention import paged_attention
+    from tp_engine.model.decode_run import DecodeRun
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    bs, kv, group, dim, blocks, share = 4, 2, 3, 8, 400, 5
+    n = rng.randint(2, 9)
+    free = rng.sample(range(blocks), blocks)
+    prefix = [free.pop() for _ in range(share)]
+    starts = [rng.randint(share * bs, share * bs + 30) for _ in range(n)]
+    steps = sorted((rng.randint(1, 9) for _ in range(n)), reverse=True)
+    tables = [prefix + [free.pop() for _ in range((s + k - 1) // bs + 1 - share)]
+              for s, k in zip(starts, steps)]
+    cache = torch.randn(2, kv, blocks * bs, dim)
+    results, shared = [], []
+    for saving in (10**9, 1):
+        monkeypatch.setattr(meta_module, "MIN_SAVING_BLOCKS", saving)
+        run = DecodeRun.build(starts, steps, tables, bs, None, kv, torch.float32)
+        shared.append(max(g.shared for g in run.groups))
+        torch.manual_seed(seed)
+        outs, written = [], cache.clone()
+        for step in range(len(run)):
+            m = run.running[step]
+            q = torch.randn(m, kv * group, dim)
+            k, v = torch.randn(m, kv, dim), torch.randn(m, kv, dim)
+            outs.append(paged_attention(q, k, v, written, run.metadata(step), 0.3))
+        results.append(outs)
+    assert shared == [0, share]
+    for fast, plain in zip(*results):
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)

@@ -80,21 +80,25 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
     slots[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     gather = (cache, kv_heads, meta.block_size, dim)
 
-    def context(group: DecodeGroup | PrefillGroup) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = group.gather(*gather)
+    def expand(kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if kv_expand is None:
-            return keys, values
-        return keys.index_select(0, kv_expand), values.index_select(0, kv_expand)
+            return kv
+        return kv[0].index_select(0, kv_expand), kv[1].index_select(0, kv_expand)
+
+    def compute(q: torch.Tensor, group: DecodeGroup | PrefillGroup) -> torch.Tensor:
+        if isinstance(group, PrefillGroup):
+            return _prefill(q, group, scale, *expand(group.gather(*gather)))
+        if group.shared:
+            shared, own = group.gather_parts(*gather)
+            return _decode_shared(q, group, scale, expand(shared), expand(own))
+        return _decode(q, group, scale, *expand(group.gather(*gather)))
 
     groups = [*meta.decode, *meta.prefill]
     if len(groups) == 1 and groups[0].rows is None:  # one group in token order: no copies
-        group = groups[0]
-        compute = _prefill if isinstance(group, PrefillGroup) else _decode
-        return compute(q, group, scale, *context(group))
+        return compute(q, groups[0])
     out = q.new_empty(q.shape[0], q.shape[1] * dim)
     for group in groups:
-        compute = _prefill if isinstance(group, PrefillGroup) else _decode
-        out[group.rows] = compute(q[group.rows], group, scale, *context(group))
+        out[group.rows] = compute(q[group.rows], group)
     return out
 
 
@@ -110,6 +114,33 @@ def _decode(q: torch.Tensor, group: DecodeGroup, scale: float, keys: torch.Tenso
                            keys.view(kv_heads * n, ctx, dim).transpose(1, 2), alpha=scale)
     out = torch.bmm(scores.softmax(dim=-1), values.view(kv_heads * n, ctx, dim))
     return out.view(kv_heads, n, -1, dim).transpose(0, 1).reshape(n, heads * dim)
+
+
+def _decode_shared(q: torch.Tensor, group: DecodeGroup, scale: float,
+                   shared: tuple[torch.Tensor, torch.Tensor],
+                   own: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """_decode for a group whose members begin with the same blocks: every query of a KV
+    head faces the shared keys in one matmul; one softmax over both parts."""
+    n, heads, dim = q.shape
+    kv_heads = own[0].shape[0]
+    per_kv = heads // kv_heads
+    ctx_shared, ctx_own = shared[0].shape[2], own[0].shape[2]
+    queries = q.view(n, kv_heads, per_kv, dim).transpose(0, 1)
+    queries = queries.reshape(kv_heads, n * per_kv, dim)
+    scores_shared = torch.bmm(queries, shared[0].view(kv_heads, ctx_shared, dim).transpose(1, 2))
+    # the shared blocks lie before every query: only the own part is masked
+    bias = group.bias_for(kv_heads, q.dtype, ctx_shared + ctx_own)[..., ctx_shared:]
+    scores_own = torch.baddbmm(bias, queries.view(kv_heads * n, per_kv, dim),
+                               own[0].view(kv_heads * n, ctx_own, dim).transpose(1, 2),
+                               alpha=scale)
+    scores = torch.cat([scores_shared.mul_(scale).view(kv_heads, n, per_kv, ctx_shared),
+                        scores_own.view(kv_heads, n, per_kv, ctx_own)], dim=-1).softmax(dim=-1)
+    p_shared, p_own = scores.split([ctx_shared, ctx_own], dim=-1)
+    out = torch.bmm(p_shared.reshape(kv_heads, n * per_kv, ctx_shared),
+                    shared[1].view(kv_heads, ctx_shared, dim))
+    out += torch.bmm(p_own.reshape(kv_heads * n, per_kv, ctx_own),
+                     own[1].view(kv_heads * n, ctx_own, dim)).view(kv_heads, n * per_kv, dim)
+    return out.view(kv_heads, n, per_kv, dim).transpose(0, 1).reshape(n, heads * dim)
 
 
 def _prefill(q: torch.Tensor, group: PrefillGroup, scale: float, keys: torch.Tensor,

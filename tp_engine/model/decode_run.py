@@ -117,12 +117,14 @@ class DecodeRun:
             members = group.tables.shape[0]
             if group.rows is None:
                 keep = slice(0, n) if n < members else None
-                cut = DecodeGroup(group.tables[:n, :width].contiguous(), window=group.window)
+                cut = DecodeGroup(group.tables[:n, :width].contiguous(), window=group.window,
+                                  shared=min(group.shared, width))
             else:
                 kept = group.rows < n
                 keep = kept if not bool(kept.all()) else None
                 cut = DecodeGroup(group.tables[kept, :width].contiguous(),
-                                  rows=group.rows[kept], window=group.window)
+                                  rows=group.rows[kept], window=group.window,
+                                  shared=min(group.shared, width))
             self._cuts[key] = (cut, keep)
         return self._cuts[key]
 
