@@ -62,6 +62,11 @@ def results(path: Path) -> dict:
     return out
 
 
+def leftover_parts(out: Path) -> list[str]:
+    """What a data-parallel job left beside its output: part files, marks."""
+    return sorted(p.name for p in out.parent.glob(out.name + ".*"))
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("batch")
@@ -108,28 +113,39 @@ def test_sigkill_at_three_random_moments_then_rerun_gives_each_request_once(
 
 
 @pytest.mark.timeout(120)
-def test_torchrun_two_ranks_gives_the_spawned_engine_outputs(tiny_model, reference, tmp_path):
+@pytest.mark.parametrize("ranks,dp", [(2, 1), (4, 2)])
+def test_torchrun_gives_the_spawned_engine_outputs(tiny_model, reference, tmp_path, ranks, dp):
+    """2 ranks: one TP-2 model; 4 ranks with --dp 2: two replicas of TP 2, merged."""
     inp, expect = reference
     out = tmp_path / "out.jsonl"
-    cmd = torchrun_cmd("--nproc-per-node", "2", "--master-port", str(free_port()))
-    subprocess.run([*cmd, *batch_cmd(tiny_model, inp, out)[3:]], check=True, env=ENV,
-                   timeout=100, capture_output=True)
+    cmd = torchrun_cmd("--nproc-per-node", str(ranks), "--master-port", str(free_port()))
+    job = subprocess.run([*cmd, *batch_cmd(tiny_model, inp, out, "--dp", str(dp))[3:]],
+                         check=True, env=ENV, timeout=100, capture_output=True, text=True)
     assert results(out) == expect
+    if dp > 1:
+        assert "replica 1: batch done" in job.stderr
+        assert "merged 2 parts: 62 records" in job.stderr
+    assert not leftover_parts(out)
 
 
 @pytest.mark.timeout(120)
-def test_two_torchrun_nodes_on_loopback(tiny_model, reference, tmp_path):
+@pytest.mark.parametrize("dp", [1, 2])
+def test_two_torchrun_nodes_on_loopback(tiny_model, reference, tmp_path, dp):
+    """dp 1: one model across both nodes, and only rank 0 writes; dp 2: a replica of TP 2 on
+    each node, each with its part file on the file system both see, merged by node 0."""
     inp, expect = reference
     out = tmp_path / "out.jsonl"
+    elsewhere = tmp_path / "never.jsonl" if dp == 1 else out
     port = str(free_port())
     nodes = [subprocess.Popen(
-        [*torchrun_cmd("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+        [*torchrun_cmd("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", str(dp),
                        "--master-addr", "127.0.0.1", "--master-port", port),
-         *batch_cmd(tiny_model, inp, out if rank == 0 else tmp_path / "never.jsonl")[3:]],
+         *batch_cmd(tiny_model, inp, out if rank == 0 else elsewhere, "--dp", str(dp))[3:]],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for rank in (0, 1)]
     assert [n.wait(timeout=100) for n in nodes] == [0, 0]
     assert results(out) == expect
     assert not (tmp_path / "never.jsonl").exists()  # only rank 0 writes
+    assert not leftover_parts(out)
 
 
 @pytest.mark.timeout(150)
@@ -220,22 +236,6 @@ def test_a_rerun_records_every_bad_line_once(tiny_model, tmp_path):
     assert record_identities(out) == expect
 
 
-def leftover_parts(out: Path) -> list[str]:
-    return sorted(p.name for p in out.parent.glob(out.name + ".*"))
-
-
-@pytest.mark.timeout(120)
-def test_torchrun_four_ranks_as_two_replicas_of_two(tiny_model, reference, tmp_path):
-    inp, expect = reference
-    out = tmp_path / "out.jsonl"
-    cmd = torchrun_cmd("--nproc-per-node", "4", "--master-port", str(free_port()))
-    job = subprocess.run([*cmd, *batch_cmd(tiny_model, inp, out, "--dp", "2")[3:]],
-                         check=True, env=ENV, timeout=100, capture_output=True, text=True)
-    assert results(out) == expect
-    assert "replica 1: batch done" in job.stderr and "merged 2 parts: 62 records" in job.stderr
-    assert not leftover_parts(out)
-
-
 @pytest.mark.timeout(150)
 def test_sigkill_of_a_random_rank_of_two_replicas_then_rerun_gives_each_request_once(
         tiny_model, reference, tmp_path):
@@ -263,17 +263,3 @@ def test_sigkill_of_a_random_rank_of_two_replicas_then_rerun_gives_each_request_
                    capture_output=True)
     assert results(out) == expect
     assert not leftover_parts(out)
-
-
-@pytest.mark.timeout(120)
-def test_two_replicas_on_two_torchrun_nodes_on_loopback(tiny_model, reference, tmp_path):
-    inp, expect = reference
-    out = tmp_path / "out.jsonl"
-    port = str(free_port())
-    nodes = [subprocess.Popen(
-        [*torchrun_cmd("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "2",
-                       "--master-addr", "127.0.0.1", "--master-port", port),
-         *batch_cmd(tiny_model, inp, out, "--dp", "2")[3:]],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for rank in (0, 1)]
-    assert [n.wait(timeout=100) for n in nodes] == [0, 0]
-    assert results(out) == expect
