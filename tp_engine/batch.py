@@ -86,6 +86,11 @@ def line_key(number: int) -> str:
     return f"line:{number}"
 
 
+def custom_id_of(request: Any) -> Any:
+    """An input line's custom_id, None where it has none (or is not an object)."""
+    return request.get("custom_id") if isinstance(request, dict) else None
+
+
 def id_key(custom_id: Any) -> str:
     # JSON, not str(): the custom_ids "1" and 1 (or "True" and true) are different requests
     return "id:" + json.dumps(custom_id, sort_keys=True)
@@ -154,23 +159,20 @@ async def run_batch(engine, input_path: Path, output_path: Path, max_in_flight: 
                     progress: bool = True, share: tuple[int, int] = (0, 1)) -> BatchSummary:
     """`share`: (this replica, replicas) of a job split among data-parallel replicas, which
     serves only its lines, into its own part file (tp_engine/batch_parts)."""
-    from tp_engine.batch_parts import already_merged, owner, part_path
+    from tp_engine.batch_parts import owner, part_path
 
     index, replicas = share
     summary = BatchSummary()
-    if replicas == 1:
-        done = read_done(output_path)
-    else:
-        done = already_merged(output_path)
+    done = read_done(output_path)  # with replicas, what a merge or a single run left there
+    if replicas > 1:
         output_path = part_path(output_path, index, replicas)
         done |= read_done(output_path)
 
-    def mine(number: int, request: Any) -> bool:
-        custom_id = request.get("custom_id") if isinstance(request, dict) else None
+    def mine(number: int, custom_id: Any) -> bool:
         return replicas == 1 or owner(custom_id, number, replicas) == index
 
     summary.total = sum(1 for number, request, _ in read_requests(input_path)
-                        if mine(number, request))
+                        if mine(number, custom_id_of(request)))
     writer = Writer(output_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -209,9 +211,9 @@ async def run_batch(engine, input_path: Path, output_path: Path, max_in_flight: 
     try:
         first_line: dict[str, int] = {}  # custom_id -> the line that uses it first
         for number, request, problem in read_requests(input_path):
-            if not mine(number, request):
+            custom_id = custom_id_of(request)
+            if not mine(number, custom_id):
                 continue
-            custom_id = request.get("custom_id") if isinstance(request, dict) else None
             if custom_id is not None:
                 first = first_line.setdefault(id_key(custom_id), number)
                 if first != number and not problem:

@@ -18,7 +18,7 @@ import os
 import signal
 from pathlib import Path
 
-from tp_engine.batch import id_key, line_key, read_done, record_key
+from tp_engine.batch import custom_id_of, id_key, line_key, read_done, read_requests, record_key
 
 POLL_S = 0.2
 
@@ -41,11 +41,6 @@ def complete_mark(output: Path, index: int, replicas: int) -> Path:
 
 def mark_complete(output: Path, index: int, replicas: int) -> None:
     complete_mark(output, index, replicas).touch()
-
-
-def already_merged(output: Path) -> set[str]:
-    """What the output holds already (a merge done before, or a single engine's run)."""
-    return read_done(output) if output.exists() else set()
 
 
 async def wait_for_parts(output: Path, replicas: int) -> bool:
@@ -71,14 +66,10 @@ def merge(input_path: Path, output: Path, replicas: int) -> int:
     """The output, made of itself and every part, each record once, in input order; the
     parts removed. Returns the number of records."""
     first_line: dict[str, int] = {}
-    with input_path.open("r", encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            try:
-                custom_id = json.loads(text).get("custom_id")
-            except (ValueError, AttributeError):
-                continue
-            if custom_id is not None:
-                first_line.setdefault(id_key(custom_id), number)
+    for number, request, _ in read_requests(input_path):
+        custom_id = custom_id_of(request)
+        if custom_id is not None:
+            first_line.setdefault(id_key(custom_id), number)
     records: dict[str, tuple[int, bytes]] = {}
     sources = [output] + [part_path(output, i, replicas) for i in range(replicas)]
     for source in sources:

@@ -105,10 +105,10 @@ class EngineCore:
 
     def _release_workers(self, deadline: Deadline) -> None:
         """SHUTDOWN to every group first, so that they all leave at once; then reap each."""
-        loops = {r.group.replica: r.loop for r in getattr(self, "replicas", [])}
+        replicas = getattr(self, "replicas", None)  # absent when a group failed to start
         for group in self.groups:
-            loop = loops.get(group.replica)
-            if loop is None or not loop.thread.is_alive():  # a live loop owns the socket
+            # a live request loop owns its group's socket, and sends SHUTDOWN as it leaves
+            if replicas is None or not replicas[group.replica].loop.thread.is_alive():
                 group.send_shutdown()
         for group in self.groups:
             group.reap(deadline, grace=len(group.ready) == group.size)
@@ -259,7 +259,8 @@ class EngineCore:
     def stats(self) -> dict[str, float]:
         """A snapshot for metrics, summed over the replicas: read without locks, so each
         figure is at most a step old."""
-        return dict(replica_stats(self.replicas), in_flight=len(self.registry))
+        return dict(replica_stats(self.replicas), in_flight=len(self.registry),
+                    restarts=self.restarts)
 
     # --- lifecycle -------------------------------------------------------------------------
 

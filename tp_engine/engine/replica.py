@@ -82,7 +82,6 @@ def replica_stats(replicas: list[Replica]) -> dict[str, float]:
                 kv_blocks=blocks, kv_blocks_free=free, kv_usage=1.0 - free / blocks,
                 preemptions=total["num_preemptions"],
                 steps=sum(r.loop.steps for r in replicas),
-                restarts=sum(r.loop.restarts for r in replicas),
                 replicas=len(replicas),
                 replicas_failed=sum(r.failure is not None for r in replicas),
                 prefix_cache_queries=total["prefix_queries"],

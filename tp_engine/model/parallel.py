@@ -33,9 +33,9 @@ class TensorParallel:
     group: Any = None
     first: int = 0
 
-    def all_reduce(self, x: torch.Tensor, op: Any = None) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(x, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
+            dist.all_reduce(x, op=op, group=self.group)
         return x
 
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
