@@ -38,6 +38,9 @@ class EngineConfig:
     dtype: str = field(default="auto", metadata={
         "help": "dtype of weights and compute; auto: the checkpoint's on a GPU, float32 on a CPU",
         "choices": DTYPES})
+    cpu_bind_threads: bool = field(default=True, metadata={
+        "help": "on a CPU, pin each worker's threads to cores of its own (a share of the "
+                "cores this process may use), one thread a core"})
     max_num_seqs: int = field(default=128, metadata={"help": "most sequences in a step"})
     max_num_batched_tokens: int = field(default=4096, metadata={
         "help": "most tokens (prompt and decode) in a step"})

@@ -11,7 +11,9 @@ block_size`.
 One step may mix prefills and decodes: every sequence brings `query_len` new tokens after
 `start` tokens already in the cache. The two kinds are computed apart (see attention_groups):
 - decodes (one new token): one row of scores per head, so two batched matmuls over the
-  gathered blocks and an additive mask, with no padded queries;
+  gathered blocks and an additive mask, with no padded queries; on a CPU the kernel of
+  tp_engine/kernels/paged_decode reads the blocks where they lie instead (no gather), except
+  for groups that share leading blocks, which read those once;
 - prefills (several new tokens): one scaled-dot-product attention over the sequences, padded to
   the longest query, with a mask that encodes causality, padding and the sliding window.
 """
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tp_engine.kernels import paged_decode
 from tp_engine.model.attention_groups import (
     DecodeGroup,
     PrefillGroup,
@@ -70,15 +73,18 @@ class AttentionMetadata:
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float,
-                    kv_expand: torch.Tensor | None = None) -> torch.Tensor:
+                    kv_expand: torch.Tensor | None = None,
+                    runs: paged_decode.HeadRuns | None = None) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads * dim].
     `kv_expand`: the KV head each even group of query heads reads, where the heads do not
-    fall evenly under the KV heads (uneven tensor parallelism); None: in order."""
+    fall evenly under the KV heads (uneven tensor parallelism); None: in order. `runs`: the
+    same as runs of heads, for the CPU decode kernel (None: never use it)."""
     kv_heads, dim = k.shape[1], k.shape[2]
     slots = cache.view(2, kv_heads, -1, dim)
     slots[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
     slots[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     gather = (cache, kv_heads, meta.block_size, dim)
+    kernel = runs is not None and bool(meta.decode) and paged_decode.available(cache)
 
     def expand(kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if kv_expand is None:
@@ -91,6 +97,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: to
         if group.shared:
             shared, own = group.gather_parts(*gather)
             return _decode_shared(q, group, scale, expand(shared), expand(own))
+        if kernel:
+            return paged_decode.decode_attention(q, cache, kv_heads, meta.block_size,
+                                                 group.tables, group.positions, group.window,
+                                                 scale, runs)
         return _decode(q, group, scale, *expand(group.gather(*gather)))
 
     groups = [*meta.decode, *meta.prefill]

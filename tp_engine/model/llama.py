@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tp_engine.kernels.paged_decode import HeadRuns
 from tp_engine.model.attention import AttentionMetadata, paged_attention
 from tp_engine.model.config import ModelConfig
 from tp_engine.model.parallel import (
@@ -32,6 +33,7 @@ class Attention(nn.Module):
         expand = self.qkv_proj.kv_expand
         self.kv_expand = None if expand is None else torch.tensor(expand)
         self.score_heads = self.num_kv_heads if expand is None else len(expand)  # attention's
+        self.head_runs = HeadRuns.of(self.num_heads, self.num_kv_heads, expand)
         self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size,
                                         config.o_bias, tp, self.qkv_proj.q_rows)
         self.scale = config.head_dim ** -0.5
@@ -45,7 +47,7 @@ class Attention(nn.Module):
                                     rope)
         v = qkv[:, (heads + kv_heads) * dim:].unflatten(-1, (kv_heads, dim))
         out = paged_attention(qk[:, :heads], qk[:, heads:], v, cache, meta, self.scale,
-                              self.kv_expand)
+                              self.kv_expand, self.head_runs)
         return self.o_proj(out)
 
 

@@ -48,9 +48,10 @@ class Sampler:
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """Each row's argmax (the first, on ties, as torch's). On a CPU through numpy, whose
     vectorized argmax is ten times faster than torch's: 45 us instead of 430 for 64 rows of
-    an 8,000-token vocabulary, which was a twentieth of a decode step."""
-    if x.device.type == "cpu" and x.dtype == torch.float32:
-        return torch.from_numpy(x.numpy().argmax(-1))
+    an 8,000-token vocabulary, which was a twentieth of a decode step. Other dtypes go
+    through float32 (exact, so ties stay ties): 9 ms for bfloat16 over 64 x 49,152 in torch."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.from_numpy(x.float().numpy().argmax(-1))
     return x.argmax(dim=-1)
 
 

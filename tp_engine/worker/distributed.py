@@ -9,31 +9,37 @@ import torch
 import torch.distributed as dist
 
 from tp_engine.model.parallel import TensorParallel
+from tp_engine.worker.affinity import use_cores
 
 _replica: TensorParallel | None = None  # this rank's replica, when torchrun's world has several
 
 
 def init_distributed(rank: int, world_size: int, init_method: str, device: str,
                      timeout_s: float = 60.0, device_index: int | None = None,
-                     ranks_here: int | None = None) -> TensorParallel:
+                     ranks_here: int | None = None, bind_threads: bool = True) -> TensorParallel:
     """Join the group of `world_size` ranks. `init_method` is a `tcp://host:port` of rank 0's
     store, or `env://` under torchrun. `device_index`: the GPU (default: the local rank);
-    `ranks_here`: the worker processes that share this machine's cores (default: the group)."""
+    `ranks_here`: the worker processes that share this machine's cores (default: the group);
+    on a CPU each takes its share of them, its threads pinned there with `bind_threads`."""
     if device == "cuda":
         local = device_index if device_index is not None else int(
             os.environ.get("LOCAL_RANK", rank)) % max(1, torch.cuda.device_count())
         torch.cuda.set_device(local)
-    else:
-        # Oversubscribed intra-op threads make CPU ranks several times slower.
-        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ranks_here or world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
     if _replica is not None:  # torchrun's world, cut into replicas (split_replicas)
-        return _replica
-    if world_size > 1 and not dist.is_initialized():  # under torchrun it may be up already
-        backend = "nccl" if device == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=init_method, rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
-    return TensorParallel(rank=rank, size=world_size)
+        tp = _replica
+    else:
+        if world_size > 1 and not dist.is_initialized():  # under torchrun it may be up already
+            backend = "nccl" if device == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=init_method, rank=rank,
+                                    world_size=world_size,
+                                    timeout=timedelta(seconds=timeout_s))
+        tp = TensorParallel(rank=rank, size=world_size)
+    if device != "cuda":
+        # after the group: its I/O threads, started with it, stay free of the compute cores
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ranks_here or world_size))
+        here = int(os.environ.get("LOCAL_RANK", rank if device_index is None else device_index))
+        use_cores(here, ranks, bind_threads)
+    return tp
 
 
 def split_replicas(tensor_parallel_size: int) -> TensorParallel:

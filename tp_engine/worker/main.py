@@ -84,7 +84,7 @@ def _load(args: WorkerArgs):
                           timeout_s=cfg.startup_timeout,
                           device_index=None if cfg.start_method == "torchrun"
                           else args.replica * args.world_size + args.rank,
-                          ranks_here=cfg.num_workers)
+                          ranks_here=cfg.num_workers, bind_threads=cfg.cpu_bind_threads)
     return ModelRunner(cfg, tp, dtype)  # load_model checks that the TP size fits the model
 
 

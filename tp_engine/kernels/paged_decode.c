@@ -1,0 +1,208 @@
+/* Decode attention over the paged KV cache, reading each sequence's blocks where they lie.
+ *
+ * The torch path gathers every sequence's blocks into a padded copy before two batched
+ * matmuls: the cache is read, written and read again. These two loops read each key and value
+ * once, straight from its block. The softmax between them is left to torch (exact, and
+ * vectorised), on scores of [sequences, heads, width * block_size] in float32.
+ *
+ * Cache of one layer: [2][kv_heads][num_blocks * block_size][dim], keys then values; a
+ * sequence's token t lives in row tables[t / block_size] * block_size + t % block_size. Query
+ * heads come in runs that read one KV head (run_first, run_count, run_kv); the rows of one
+ * sequence and KV head stay in cache while each head of the run reads them. Keys outside
+ * [first_key, position] score -inf.
+ *
+ * Built at run time by tp_engine/kernels/build.py with -fopenmp, linked to the OpenMP runtime
+ * torch already loaded, so its threads are torch's (and bound where torch's are). The head
+ * size is made a constant for the common sizes, so the compiler unrolls the row loops. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+static inline float from_bf16(bf16 x) {
+    uint32_t bits = (uint32_t)x << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline bf16 to_bf16(float f) {  /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (bf16)((bits >> 16) | 0x40);  /* NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (bf16)(bits >> 16);
+}
+
+static inline float load_f32(const float *p, int64_t i) { return p[i]; }
+static inline float load_bf16(const bf16 *p, int64_t i) { return from_bf16(p[i]); }
+static inline void store_f32(float *p, int64_t i, float v) { p[i] = v; }
+static inline void store_bf16(bf16 *p, int64_t i, float v) { p[i] = to_bf16(v); }
+
+static inline int64_t first_key(int64_t position, int64_t window) {
+    return window > 0 && position - window + 1 > 0 ? position - window + 1 : 0;
+}
+
+/* One sequence, one head: scores[t] = q . k_t for t in [lo, pos], -inf elsewhere. */
+#define SCORE_ROW(T, LOAD, DIM)                                                                \
+    do {                                                                                       \
+        float qv[DIM];                                                                         \
+        for (int64_t d = 0; d < (DIM); d++) qv[d] = LOAD(qh, d) * scale;                       \
+        for (int64_t t = lo; t <= pos; t++) {                                                  \
+            const T *k = base + (table[t / block_size] * block_size + t % block_size) * (DIM); \
+            float acc = 0.0f;                                                                  \
+            _Pragma("omp simd reduction(+:acc)")                                               \
+            for (int64_t d = 0; d < (DIM); d++) acc += qv[d] * LOAD(k, d);                     \
+            row[t] = acc;                                                                      \
+        }                                                                                      \
+    } while (0)
+
+/* One sequence, one head: out = sum over t in [lo, pos] of p[t] v_t. */
+#define VALUE_ROW(T, LOAD, STORE, DIM)                                                         \
+    do {                                                                                       \
+        float acc[DIM];                                                                        \
+        for (int64_t d = 0; d < (DIM); d++) acc[d] = 0.0f;                                     \
+        for (int64_t t = lo; t <= pos; t++) {                                                  \
+            const T *v = base + (table[t / block_size] * block_size + t % block_size) * (DIM); \
+            const float p = row[t];                                                            \
+            _Pragma("omp simd")                                                                \
+            for (int64_t d = 0; d < (DIM); d++) acc[d] += p * LOAD(v, d);                      \
+        }                                                                                      \
+        for (int64_t d = 0; d < (DIM); d++) STORE(oh, d, acc[d]);                              \
+    } while (0)
+
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* 16 elements as floats */
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const bf16 *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* A run of heads `count` of one sequence, NV vectors of 16 a row, H heads at a time: each key
+ * or value row is loaded once for H heads, and their sums stay in registers. */
+#define AVX_SCORES(S, T, NV, H)                                                                   \
+    for (int64_t hc = 0; hc < count; hc += (H)) {                                              \
+        const int64_t nh = count - hc < (H) ? count - hc : (H);                                \
+        __m512 qv[H][NV];                                                                      \
+        for (int64_t g = 0; g < (H); g++)                                                      \
+            for (int64_t j = 0; j < (NV); j++)                                                 \
+                qv[g][j] = g < nh ? _mm512_mul_ps(load16_##S(qh + (hc + g) * dim + 16 * j),    \
+                                                  _mm512_set1_ps(scale)) : _mm512_setzero_ps();\
+        for (int64_t t = lo; t <= pos; t++) {                                                  \
+            const T *k = base + (table[t / block_size] * block_size + t % block_size) * dim;   \
+            __m512 kv[NV];                                                                     \
+            for (int64_t j = 0; j < (NV); j++) kv[j] = load16_##S(k + 16 * j);                 \
+            for (int64_t g = 0; g < (H); g++) {                                                \
+                if (g >= nh) break;                                                            \
+                __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);                                   \
+                for (int64_t j = 1; j < (NV); j++) acc = _mm512_fmadd_ps(qv[g][j], kv[j], acc);\
+                row[(hc + g) * context + t] = _mm512_reduce_add_ps(acc);                       \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+#define AVX_VALUES(S, T, NV, H)                                                                   \
+    for (int64_t hc = 0; hc < count; hc += (H)) {                                              \
+        const int64_t nh = count - hc < (H) ? count - hc : (H);                                \
+        __m512 acc[H][NV];                                                                     \
+        for (int64_t g = 0; g < (H); g++)                                                      \
+            for (int64_t j = 0; j < (NV); j++) acc[g][j] = _mm512_setzero_ps();                \
+        for (int64_t t = lo; t <= pos; t++) {                                                  \
+            const T *v = base + (table[t / block_size] * block_size + t % block_size) * dim;   \
+            __m512 vv[NV];                                                                     \
+            for (int64_t j = 0; j < (NV); j++) vv[j] = load16_##S(v + 16 * j);                 \
+            for (int64_t g = 0; g < (H); g++) {                                                \
+                if (g >= nh) break;                                                            \
+                const __m512 p = _mm512_set1_ps(row[(hc + g) * context + t]);                  \
+                for (int64_t j = 0; j < (NV); j++) acc[g][j] = _mm512_fmadd_ps(p, vv[j], acc[g][j]);\
+            }                                                                                  \
+        }                                                                                      \
+        for (int64_t g = 0; g < nh; g++) {                                                     \
+            float done[16 * (NV)];                                                             \
+            for (int64_t j = 0; j < (NV); j++) _mm512_storeu_ps(done + 16 * j, acc[g][j]);     \
+            for (int64_t d = 0; d < 16 * (NV); d++) STORE_##S(oh + (hc + g) * dim, d, done[d]);\
+        }                                                                                      \
+    }
+#define STORE_f32 store_f32
+#define STORE_bf16 store_bf16
+#define HAVE_AVX512 1
+#else
+#define HAVE_AVX512 0
+#endif
+
+#define FOR_EACH_RUN                                                                           \
+    const int64_t context = width * block_size;                                                \
+    _Pragma("omp parallel for collapse(2) schedule(dynamic, 4)")                               \
+    for (int64_t i = 0; i < n; i++)                                                            \
+        for (int64_t r = 0; r < runs; r++)
+
+#define RUN_SETUP                                                                              \
+    const int64_t pos = positions[i], lo = first_key(pos, window);                             \
+    const int64_t *table = tables + i * width;                                                 \
+    const int64_t h0 = run_first[r], count = run_count[r]
+
+#if HAVE_AVX512
+#define FAST(WHAT, S, T)                                                                       \
+    if (dim == 64) { WHAT(S, T, 4, 4) continue; }                                              \
+    if (dim == 128) { WHAT(S, T, 8, 2) continue; }
+#else
+#define FAST(WHAT, S, T)
+#endif
+
+#define DEFINE_KERNELS(S, T, LOAD, STORE)                                                      \
+void decode_scores_##S(const T *q, int64_t q_stride, const T *keys, int64_t head_stride,       \
+                       const int64_t *tables, int64_t width, const int64_t *positions,         \
+                       int64_t n, int64_t heads, int64_t dim, int64_t block_size,              \
+                       const int64_t *run_first, const int64_t *run_count,                     \
+                       const int64_t *run_kv, int64_t runs, int64_t window, float scale,       \
+                       float *scores) {                                                        \
+    FOR_EACH_RUN {                                                                             \
+        RUN_SETUP;                                                                             \
+        const T *base = keys + run_kv[r] * head_stride;                                        \
+        for (int64_t h = h0; h < h0 + count; h++) {                                            \
+            float *row = scores + (i * heads + h) * context;                                   \
+            for (int64_t t = 0; t < lo; t++) row[t] = -INFINITY;                               \
+            for (int64_t t = pos + 1; t < context; t++) row[t] = -INFINITY;                    \
+        }                                                                                      \
+        {                                                                                      \
+            const T *qh = q + i * q_stride + h0 * dim;                                         \
+            float *row = scores + (i * heads + h0) * context;                                  \
+            FAST(AVX_SCORES, S, T)                                                             \
+        }                                                                                      \
+        for (int64_t h = h0; h < h0 + count; h++) {                                            \
+            const T *qh = q + i * q_stride + h * dim;                                          \
+            float *row = scores + (i * heads + h) * context;                                   \
+            SCORE_ROW(T, LOAD, dim);                                                           \
+        }                                                                                      \
+    }                                                                                          \
+}                                                                                              \
+                                                                                               \
+void decode_values_##S(const float *probs, const T *values, int64_t head_stride,               \
+                       const int64_t *tables, int64_t width, const int64_t *positions,         \
+                       int64_t n, int64_t heads, int64_t dim, int64_t block_size,              \
+                       const int64_t *run_first, const int64_t *run_count,                     \
+                       const int64_t *run_kv, int64_t runs, int64_t window, T *out) {          \
+    FOR_EACH_RUN {                                                                             \
+        RUN_SETUP;                                                                             \
+        const T *base = values + run_kv[r] * head_stride;                                      \
+        {                                                                                      \
+            const float *row = probs + (i * heads + h0) * context;                             \
+            T *oh = out + (i * heads + h0) * dim;                                              \
+            FAST(AVX_VALUES, S, T)                                                             \
+        }                                                                                      \
+        for (int64_t h = h0; h < h0 + count; h++) {                                            \
+            const float *row = probs + (i * heads + h) * context;                              \
+            T *oh = out + (i * heads + h) * dim;                                               \
+            VALUE_ROW(T, LOAD, STORE, dim);                                                    \
+        }                                                                                      \
+    }                                                                                          \
+}
+
+DEFINE_KERNELS(f32, float, load_f32, store_f32)
+DEFINE_KERNELS(bf16, bf16, load_bf16, store_bf16)
