@@ -33,7 +33,10 @@ def test_throughput(capsys, tiny_model):
     rows = [line for line in out.splitlines() if line.startswith("| tp-engine ")]
     assert [row.split("|")[1].strip() for row in rows[:2]] == ["tp-engine TP=1",
                                                               "tp-engine DP=2 TP=1"]
-    assert rows[0].split("|")[-2].strip() not in ("0%", "-")  # 3 of 4 find the prefix
+    cells = [c.strip() for c in rows[0].split("|")]
+    assert cells[6] not in ("0%", "-")  # 3 of 4 find the prefix
+    assert float(cells[7]) > 0  # GFLOP/s achieved, and the share of the nominal peak
+    assert cells[8].endswith("%") and "| peak (nominal) |" in out
     assert "transformers generate, batch 2" in out and "speed-up" in out
     assert "| torch |" in out and "| cores |" in out  # the machine is described
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from tp_engine.bench import common
+from tp_engine.bench import flops as flops_of
 from tp_engine.bench.common import Request
 
 TARGET_RATIO = 2.0
@@ -99,6 +100,7 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
         before = {name: engine.core.stats() for name, engine in engines.items()}
         times: dict[str, list[float]] = {}
         tokens = sum(r.max_tokens for r in requests(0))
+        flops = flops_of.workload_flops(first.core.model_config, requests(0))
         for index in range(args.runs):
             work = requests(index)
             for name, engine in engines.items():
@@ -111,29 +113,39 @@ def run(args: argparse.Namespace, engine_kwargs: dict) -> int:
     finally:
         for engine in engines.values():
             engine.terminate()
-    report(args, times, tokens, engine_kwargs, hit_rates, engines)
+    report(args, times, tokens, engine_kwargs, hit_rates, engines, flops)
     return 0
 
 
 def report(args: argparse.Namespace, times: dict[str, list[float]], tokens: int,
-           engine_kwargs: dict, hit_rates: dict[str, float], engines: dict) -> None:
+           engine_kwargs: dict, hit_rates: dict[str, float], engines: dict,
+           flops: float) -> None:
+    first = next(iter(engines.values()))
+    on_cpu = first.config.device == "cpu"
+    dtype = first.config.worker_dtype()
+    peak, reckoned = flops_of.cpu_peak(dtype) if on_cpu else (0.0, "")
     rows, rates = [], {}
     for name, runs in times.items():
         rates[name] = tokens / common.median(runs)
+        achieved = flops / common.median(runs)
         rows.append([name, f"{rates[name]:.0f}", f"{common.median(runs):.2f}",
                      f"{tokens / max(runs):.0f}-{tokens / min(runs):.0f}", len(runs),
-                     f"{hit_rates[name]:.0%}" if name in hit_rates else "-"])
+                     f"{hit_rates[name]:.0%}" if name in hit_rates else "-",
+                     f"{achieved / 1e9:.0f}",
+                     f"{achieved / peak:.0%}" if peak and not name.startswith("transformers")
+                     else "-"])
     threads = ", ".join(f"{common.worker_threads(e.config.num_workers)} ({name})"
                         for name, e in engines.items())
     common.print_machine(common.machine({
-        "engine worker threads": threads,
+        "engine worker threads": threads, "dtype": dtype,
+        "peak (nominal)": f"{peak / 1e9:.0f} GFLOP/s: {reckoned}" if peak else "unknown",
         "model": engine_kwargs["model"], "device": engine_kwargs.get("device", "auto")}))
     common.print_table(
         f"throughput: {args.requests} requests, prompts {args.prompt_len} tokens"
         + (f" after a shared prefix of {args.shared_prefix}" if args.shared_prefix else "")
         + f", outputs {args.output_len} tokens, greedy, {tokens} requested tokens",
         ["system", "tokens/s (median)", "seconds (median)", "tokens/s range", "runs",
-         "prefix cache hits"], rows)
+         "prefix cache hits", "GFLOP/s", "of peak"], rows)
     baseline = {k: v for k, v in rates.items() if k.startswith("transformers")}
     if not baseline:
         return
