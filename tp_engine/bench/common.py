@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from tp_engine import cpuinfo
+
 VOCAB_FLOOR = 4  # the tiny tokenizers' special tokens are 0..3: keep prompts to plain tokens
 LOAD_AT_START = os.getloadavg()[0]  # imported when the CLI parses: the load before we ran
 
@@ -69,7 +71,7 @@ def machine(extra: dict[str, str] | None = None) -> dict[str, str]:
     import torch
 
     info = {
-        "cpu": _cpu_model(),
+        "cpu": cpuinfo.model_name(),
         "cores": str(os.cpu_count()),
         "load average (1 min), start / end": f"{LOAD_AT_START:.2f} / {os.getloadavg()[0]:.2f}",
         "python": platform.python_version(),
@@ -78,17 +80,6 @@ def machine(extra: dict[str, str] | None = None) -> dict[str, str]:
     }
     info.update(extra or {})
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median(values: Iterable[float]) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from tp_engine import cpuinfo
 from tp_engine.bench.common import Request
 from tp_engine.model.config import ModelConfig
 
@@ -29,25 +30,11 @@ def workload_flops(config: ModelConfig, requests: list[Request]) -> float:
     return total
 
 
-def _cpu_flags() -> tuple[set[str], float]:
-    flags, mhz = set(), 0.0
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-                elif line.startswith("cpu MHz") and not mhz:
-                    mhz = float(line.split(":", 1)[1])
-    except (OSError, ValueError):
-        pass
-    return flags, mhz
-
-
 def cpu_peak(dtype: str) -> tuple[float, str]:
     """The cores' nominal peak FLOP/s for `dtype` (0 where unknown) and how it was reckoned:
     cores x clock x FLOPs a cycle, the last from the widest unit the CPU reports (AMX tiles:
     1,024 bfloat16 FLOPs a cycle; AVX-512 and AVX2 with two FMA ports: 64 and 32 float32)."""
-    flags, mhz = _cpu_flags()
+    flags, mhz = cpuinfo.flags(), cpuinfo.mhz()
     cores = len(os.sched_getaffinity(0))
     if dtype == "bfloat16" and "amx_bf16" in flags:
         per_cycle, unit = 1024, "AMX bf16"

@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from tp_engine import cpuinfo
+
 log = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11",
@@ -30,20 +32,12 @@ def cache_dir() -> Path:
     return root / "kernels"
 
 
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor()
-
-
 def library_path(name: str, compiler: str) -> tuple[Path, Path]:
     """(the kernel's source, the library built from it for this machine)."""
     source = Path(__file__).with_name(f"{name}.c")
-    key = hashlib.sha256("\0".join([source.read_text(), *FLAGS, compiler, platform.machine(),
-                                    _cpu()]).encode()).hexdigest()[:16]
+    parts = [source.read_text(), *FLAGS, compiler, platform.machine(), cpuinfo.model_name(),
+             " ".join(sorted(cpuinfo.flags()))]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     return source, cache_dir() / f"{name}-{key}.so"
 
 
