@@ -29,7 +29,7 @@ class PagedRun:
     def __init__(self, model, tp: TensorParallel, num_seqs: int):
         cfg = model.config
         kv_heads = model.model.layers[0].self_attn.num_kv_heads
-        self.caches = [torch.zeros(2, 64 * BLOCK, kv_heads, cfg.head_dim)
+        self.caches = [torch.zeros(2, kv_heads, 64 * BLOCK, cfg.head_dim)
                        for _ in range(cfg.num_layers)]
         # interleaved block tables, so a sequence's blocks are not contiguous
         self.tables = [[b * num_seqs + s for b in range(16)] for s in range(num_seqs)]

@@ -1,9 +1,10 @@
 """Build a kernel's C source into a shared library on first use, and load it with ctypes.
 
 The library is built for this CPU (-march=native), so its file is named by a hash of the
-source, the flags, the compiler and the CPU's model and flags: a cache directory shared by
-machines of different CPUs (a home directory on a cluster) never serves one the wrong build.
-Workers that build at once each write a file of their own and rename it into place."""
+source and the headers beside it, the flags, the compiler and the CPU's model and flags: a
+cache directory shared by machines of different CPUs (a home directory on a cluster) never
+serves one the wrong build. Workers that build at once each write a file of their own and
+rename it into place."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from tp_engine import cpuinfo
 
 log = logging.getLogger(__name__)
 
+# -ffp-contract=off: no fused multiply-add where a kernel must round as torch does
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11",
+         "-ffp-contract=off",
          *(("-mprefer-vector-width=512",) if platform.machine() in ("x86_64", "AMD64") else ()))
 BUILD_TIMEOUT_S = 120.0
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -35,8 +38,9 @@ def cache_dir() -> Path:
 def library_path(name: str, compiler: str) -> tuple[Path, Path]:
     """(the kernel's source, the library built from it for this machine)."""
     source = Path(__file__).with_name(f"{name}.c")
-    parts = [source.read_text(), *FLAGS, compiler, platform.machine(), cpuinfo.model_name(),
-             " ".join(sorted(cpuinfo.flags()))]
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
+    parts = [source.read_text(), *headers, *FLAGS, compiler, platform.machine(),
+             cpuinfo.model_name(), " ".join(sorted(cpuinfo.flags()))]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     return source, cache_dir() / f"{name}-{key}.so"
 

@@ -2,14 +2,14 @@
  *
  * The torch path gathers every sequence's blocks into a padded copy before two batched
  * matmuls: the cache is read, written and read again. These two loops read each key and value
- * once, straight from its block. The softmax between them is left to torch (exact, and
- * vectorised), on scores of [sequences, heads, width * block_size] in float32.
+ * once, straight from its block, and the first ends each head with its softmax, on scores of
+ * [sequences, heads, width * block_size] in float32.
  *
  * Cache of one layer: [2][kv_heads][num_blocks * block_size][dim], keys then values; a
  * sequence's token t lives in row tables[t / block_size] * block_size + t % block_size. Query
  * heads come in runs that read one KV head (run_first, run_count, run_kv); the rows of one
  * sequence and KV head stay in cache while each head of the run reads them. Keys outside
- * [first_key, position] score -inf.
+ * [first_key, position] are neither read nor written: their scores are left undefined.
  *
  * Built at run time by tp_engine/kernels/build.py with -fopenmp, linked to the OpenMP runtime
  * torch already loaded, so its threads are torch's (and bound where torch's are). The head
@@ -17,62 +17,57 @@
 
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
-typedef uint16_t bf16;
-
-static inline float from_bf16(bf16 x) {
-    uint32_t bits = (uint32_t)x << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline bf16 to_bf16(float f) {  /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (bf16)((bits >> 16) | 0x40);  /* NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (bf16)(bits >> 16);
-}
-
-static inline float load_f32(const float *p, int64_t i) { return p[i]; }
-static inline float load_bf16(const bf16 *p, int64_t i) { return from_bf16(p[i]); }
-static inline void store_f32(float *p, int64_t i, float v) { p[i] = v; }
-static inline void store_bf16(bf16 *p, int64_t i, float v) { p[i] = to_bf16(v); }
+#include "bf16.h"
+#include "exp_approx.h"
 
 static inline int64_t first_key(int64_t position, int64_t window) {
     return window > 0 && position - window + 1 > 0 ? position - window + 1 : 0;
 }
 
-/* One sequence, one head: scores[t] = q . k_t for t in [lo, pos], -inf elsewhere. */
-#define SCORE_ROW(T, LOAD, DIM)                                                                \
-    do {                                                                                       \
-        float qv[DIM];                                                                         \
-        for (int64_t d = 0; d < (DIM); d++) qv[d] = LOAD(qh, d) * scale;                       \
+/* A run of heads of one sequence, one head at a time: row[g][t] = q_g . k_t for t in [lo, pos]. */
+#define SCORE_RUN(T, LOAD)                                                                     \
+    for (int64_t g = 0; g < count; g++) {                                                      \
+        float qv[dim];                                                                         \
+        for (int64_t d = 0; d < dim; d++) qv[d] = LOAD(qh + g * dim, d) * scale;               \
         for (int64_t t = lo; t <= pos; t++) {                                                  \
-            const T *k = base + (table[t / block_size] * block_size + t % block_size) * (DIM); \
+            const T *k = base + (table[t / block_size] * block_size + t % block_size) * dim;   \
             float acc = 0.0f;                                                                  \
             _Pragma("omp simd reduction(+:acc)")                                               \
-            for (int64_t d = 0; d < (DIM); d++) acc += qv[d] * LOAD(k, d);                     \
-            row[t] = acc;                                                                      \
+            for (int64_t d = 0; d < dim; d++) acc += qv[d] * LOAD(k, d);                       \
+            row[g * context + t] = acc;                                                        \
         }                                                                                      \
-    } while (0)
+    }
 
-/* One sequence, one head: out = sum over t in [lo, pos] of p[t] v_t. */
-#define VALUE_ROW(T, LOAD, STORE, DIM)                                                         \
-    do {                                                                                       \
-        float acc[DIM];                                                                        \
-        for (int64_t d = 0; d < (DIM); d++) acc[d] = 0.0f;                                     \
+/* A run of heads of one sequence, one head at a time: out_g = sum over t in [lo, pos] of
+ * row[g][t] v_t. */
+#define VALUE_RUN(T, LOAD, STORE)                                                              \
+    for (int64_t g = 0; g < count; g++) {                                                      \
+        float acc[dim];                                                                        \
+        for (int64_t d = 0; d < dim; d++) acc[d] = 0.0f;                                       \
         for (int64_t t = lo; t <= pos; t++) {                                                  \
-            const T *v = base + (table[t / block_size] * block_size + t % block_size) * (DIM); \
-            const float p = row[t];                                                            \
+            const T *v = base + (table[t / block_size] * block_size + t % block_size) * dim;   \
+            const float p = row[g * context + t];                                              \
             _Pragma("omp simd")                                                                \
-            for (int64_t d = 0; d < (DIM); d++) acc[d] += p * LOAD(v, d);                      \
+            for (int64_t d = 0; d < dim; d++) acc[d] += p * LOAD(v, d);                        \
         }                                                                                      \
-        for (int64_t d = 0; d < (DIM); d++) STORE(oh, d, acc[d]);                              \
-    } while (0)
+        for (int64_t d = 0; d < dim; d++) STORE(oh + g * dim, d, acc[d]);                      \
+    }
 
+/* row[lo..pos] = softmax(row[lo..pos]); the rest of the row is never read. */
+static inline void softmax(float *row, int64_t lo, int64_t pos) {
+    float top = row[lo];
+    for (int64_t t = lo + 1; t <= pos; t++) top = row[t] > top ? row[t] : top;
+    float sum = 0.0f;
+    _Pragma("omp simd reduction(+:sum)")
+    for (int64_t t = lo; t <= pos; t++) {
+        row[t] = exp_approx(row[t] - top);
+        sum += row[t];
+    }
+    const float inverse = 1.0f / sum;
+    _Pragma("omp simd")
+    for (int64_t t = lo; t <= pos; t++) row[t] *= inverse;
+}
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -149,37 +144,25 @@ static inline __m512 load16_bf16(const bf16 *p) {
 
 #if HAVE_AVX512
 #define FAST(WHAT, S, T)                                                                       \
-    if (dim == 64) { WHAT(S, T, 4, 4) continue; }                                              \
-    if (dim == 128) { WHAT(S, T, 8, 2) continue; }
+    if (dim == 64) { WHAT(S, T, 4, 4) } else if (dim == 128) { WHAT(S, T, 8, 2) } else
 #else
 #define FAST(WHAT, S, T)
 #endif
 
 #define DEFINE_KERNELS(S, T, LOAD, STORE)                                                      \
-void decode_scores_##S(const T *q, int64_t q_stride, const T *keys, int64_t head_stride,       \
-                       const int64_t *tables, int64_t width, const int64_t *positions,         \
-                       int64_t n, int64_t heads, int64_t dim, int64_t block_size,              \
-                       const int64_t *run_first, const int64_t *run_count,                     \
-                       const int64_t *run_kv, int64_t runs, int64_t window, float scale,       \
-                       float *scores) {                                                        \
+void decode_probs_##S(const T *q, int64_t q_stride, const T *keys, int64_t head_stride,       \
+                      const int64_t *tables, int64_t width, const int64_t *positions,          \
+                      int64_t n, int64_t heads, int64_t dim, int64_t block_size,               \
+                      const int64_t *run_first, const int64_t *run_count,                      \
+                      const int64_t *run_kv, int64_t runs, int64_t window, float scale,        \
+                      float *scores) {                                                         \
     FOR_EACH_RUN {                                                                             \
         RUN_SETUP;                                                                             \
         const T *base = keys + run_kv[r] * head_stride;                                        \
-        for (int64_t h = h0; h < h0 + count; h++) {                                            \
-            float *row = scores + (i * heads + h) * context;                                   \
-            for (int64_t t = 0; t < lo; t++) row[t] = -INFINITY;                               \
-            for (int64_t t = pos + 1; t < context; t++) row[t] = -INFINITY;                    \
-        }                                                                                      \
-        {                                                                                      \
-            const T *qh = q + i * q_stride + h0 * dim;                                         \
-            float *row = scores + (i * heads + h0) * context;                                  \
-            FAST(AVX_SCORES, S, T)                                                             \
-        }                                                                                      \
-        for (int64_t h = h0; h < h0 + count; h++) {                                            \
-            const T *qh = q + i * q_stride + h * dim;                                          \
-            float *row = scores + (i * heads + h) * context;                                   \
-            SCORE_ROW(T, LOAD, dim);                                                           \
-        }                                                                                      \
+        const T *qh = q + i * q_stride + h0 * dim;                                             \
+        float *row = scores + (i * heads + h0) * context;                                      \
+        FAST(AVX_SCORES, S, T) { SCORE_RUN(T, LOAD) }                                          \
+        for (int64_t g = 0; g < count; g++) softmax(row + g * context, lo, pos);               \
     }                                                                                          \
 }                                                                                              \
                                                                                                \
@@ -191,16 +174,9 @@ void decode_values_##S(const float *probs, const T *values, int64_t head_stride,
     FOR_EACH_RUN {                                                                             \
         RUN_SETUP;                                                                             \
         const T *base = values + run_kv[r] * head_stride;                                      \
-        {                                                                                      \
-            const float *row = probs + (i * heads + h0) * context;                             \
-            T *oh = out + (i * heads + h0) * dim;                                              \
-            FAST(AVX_VALUES, S, T)                                                             \
-        }                                                                                      \
-        for (int64_t h = h0; h < h0 + count; h++) {                                            \
-            const float *row = probs + (i * heads + h) * context;                              \
-            T *oh = out + (i * heads + h) * dim;                                               \
-            VALUE_ROW(T, LOAD, STORE, dim);                                                    \
-        }                                                                                      \
+        const float *row = probs + (i * heads + h0) * context;                                 \
+        T *oh = out + (i * heads + h0) * dim;                                                  \
+        FAST(AVX_VALUES, S, T) { VALUE_RUN(T, LOAD, STORE) }                                   \
     }                                                                                          \
 }
 

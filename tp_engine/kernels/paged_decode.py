@@ -1,5 +1,5 @@
 """Decode attention read straight from the cache blocks (paged_decode.c), for float32 and
-bfloat16 on the CPU: scores by the kernel, softmax by torch, values by the kernel.
+bfloat16 on the CPU: scores and their softmax in one pass, the values in a second.
 
 Measured on SmolLM2 (2 cores, 96 sequences of ~180 tokens), against gathering the blocks and
 two batched matmuls: see the README's performance section."""
@@ -23,7 +23,7 @@ def _library() -> ctypes.CDLL | None:
     lib = load("paged_decode")
     if lib is not None and not hasattr(lib, "_typed"):
         for suffix in _SUFFIX.values():
-            scores = getattr(lib, f"decode_scores_{suffix}")
+            scores = getattr(lib, f"decode_probs_{suffix}")
             scores.argtypes = [_P, _I, _P, *_COMMON, _F, _P]
             values = getattr(lib, f"decode_values_{suffix}")
             values.argtypes = [_P, _P, *_COMMON, _P]
@@ -76,10 +76,9 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, kv_heads: int, block_
               runs.first.data_ptr(), runs.count.data_ptr(), runs.kv.data_ptr(),
               runs.first.numel(), window or 0)
     suffix = _SUFFIX[q.dtype]
-    scores = torch.empty(n, heads, width * block_size, dtype=torch.float32)
-    getattr(lib, f"decode_scores_{suffix}")(q.data_ptr(), q.stride(0), cache.data_ptr(),
-                                            head_stride, *common, scale, scores.data_ptr())
-    probs = scores.softmax(dim=-1)
+    probs = torch.empty(n, heads, width * block_size, dtype=torch.float32)
+    getattr(lib, f"decode_probs_{suffix}")(q.data_ptr(), q.stride(0), cache.data_ptr(),
+                                           head_stride, *common, scale, probs.data_ptr())
     out = torch.empty(n, heads * dim, dtype=q.dtype)
     values = cache.data_ptr() + kv_heads * head_stride * cache.element_size()
     getattr(lib, f"decode_values_{suffix}")(probs.data_ptr(), values, head_stride, *common,

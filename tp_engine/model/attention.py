@@ -71,18 +71,21 @@ class AttentionMetadata:
                    bs, decode, prefill)
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float,
+def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                    cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                     kv_expand: torch.Tensor | None = None,
                     runs: paged_decode.HeadRuns | None = None) -> torch.Tensor:
-    """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads * dim].
-    `kv_expand`: the KV head each even group of query heads reads, where the heads do not
-    fall evenly under the KV heads (uneven tensor parallelism); None: in order. `runs`: the
-    same as runs of heads, for the CPU decode kernel (None: never use it)."""
-    kv_heads, dim = k.shape[1], k.shape[2]
-    slots = cache.view(2, kv_heads, -1, dim)
-    slots[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    slots[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim], written to the cache here, or
+    None where they are there already; cache: one layer's, [2, kv_heads, slots, dim].
+    Returns [tokens, heads * dim]. `kv_expand`: the KV head each even group of query heads
+    reads, where the heads do not fall evenly under the KV heads (uneven tensor parallelism);
+    None: in order. `runs`: the same as runs of heads,
+    for the CPU decode kernel (None: never use it)."""
+    dim = q.shape[2]
+    kv_heads = cache.shape[1]
+    if k is not None:
+        cache[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        cache[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     gather = (cache, kv_heads, meta.block_size, dim)
     kernel = runs is not None and bool(meta.decode) and paged_decode.available(cache)
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tp_engine.kernels import layer_ops
 from tp_engine.kernels.paged_decode import HeadRuns
 from tp_engine.model.attention import AttentionMetadata, paged_attention
 from tp_engine.model.config import ModelConfig
@@ -19,7 +20,7 @@ from tp_engine.model.parallel import (
     VocabParallelEmbedding,
 )
 from tp_engine.model.rmsnorm import RMSNorm
-from tp_engine.model.rotary import RotaryEmbedding
+from tp_engine.model.rotary import Rope, RotaryEmbedding
 
 
 class Attention(nn.Module):
@@ -38,16 +39,22 @@ class Attention(nn.Module):
                                         config.o_bias, tp, self.qkv_proj.q_rows)
         self.scale = config.head_dim ** -0.5
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
-                cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: Rope, x: torch.Tensor, cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
+        cache = cache.view(2, kv_heads, -1, dim)  # whatever shape the caller holds it in
         qkv = self.qkv_proj(x)
-        # queries and keys are rotated together: one set of ops for both
-        qk = RotaryEmbedding.rotate(qkv[:, :(heads + kv_heads) * dim].unflatten(-1, (-1, dim)),
-                                    rope)
-        v = qkv[:, (heads + kv_heads) * dim:].unflatten(-1, (kv_heads, dim))
-        out = paged_attention(qk[:, :heads], qk[:, heads:], v, cache, meta, self.scale,
-                              self.kv_expand, self.head_runs)
+        if layer_ops.serves(qkv, (torch.float32, torch.bfloat16)) and cache.dtype == qkv.dtype:
+            # rotated in place, keys and values written to the cache, in one pass
+            layer_ops.rotary_kv(qkv, heads, kv_heads, dim, rope.positions, rope.cos,
+                                rope.signed_sin, cache, meta.slot_mapping)
+            q, k, v = qkv[:, :heads * dim].unflatten(-1, (heads, dim)), None, None
+        else:  # queries and keys are rotated together: one set of ops for both
+            qk = RotaryEmbedding.rotate(qkv[:, :(heads + kv_heads) * dim].unflatten(-1, (-1, dim)),
+                                        rope)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[:, (heads + kv_heads) * dim:].unflatten(-1, (kv_heads, dim))
+        out = paged_attention(q, k, v, cache, meta, self.scale, self.kv_expand, self.head_runs)
         return self.o_proj(out)
 
 
@@ -59,7 +66,10 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if layer_ops.serves(gate_up):
+            return self.down_proj(layer_ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -71,10 +81,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, tp)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
-                cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, rope: Rope, x: torch.Tensor, residual: torch.Tensor | None,
+                cache: torch.Tensor, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output, added to the residual stream here (the first
+        layer's x is the embedding, and the stream starts with it). Returns (this layer's
+        output, the stream before it)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(rope, h, cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -92,9 +111,10 @@ class DecoderModel(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(ids)
         rope = self.rotary.table(positions, x.dtype)
+        residual = None
         for layer, cache in zip(self.layers, caches):
-            x = layer(rope, x, cache, meta)
-        return self.norm(x)
+            x, residual = layer(rope, x, residual, cache, meta)
+        return self.norm(x, residual)[0]
 
 
 class CausalLM(nn.Module):

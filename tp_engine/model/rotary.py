@@ -5,6 +5,8 @@ logits agree to 1e-4."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -50,21 +52,35 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
         # rotate_half(x) * sin == swap_halves(x) * signed_sin: the negation moves into the table
         signed = emb.sin()
         signed[:, :head_dim // 2].neg_()
         self.register_buffer("signed_sin", signed, persistent=False)
 
-    def table(self, positions: torch.Tensor,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, signed sin) of each position, [tokens, 1, head_dim], in the compute dtype."""
-        return (self.cos[positions].to(dtype).unsqueeze(1),
-                self.signed_sin[positions].to(dtype).unsqueeze(1))
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """The rotation of this step's tokens, at `positions`, in the compute dtype."""
+        return Rope(positions, dtype, self.cos, self.signed_sin)
 
     @staticmethod
-    def rotate(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
         """x: [tokens, heads, head_dim] (queries and keys side by side)."""
-        cos, signed_sin = table
+        cos, signed_sin = rope.rows
         swapped = x.roll(x.shape[-1] // 2, dims=-1)  # the two halves exchanged
         return x * cos + swapped * signed_sin
+
+
+@dataclass
+class Rope:
+    """One step's rotary embedding: the tokens' positions and the float32 tables, which the
+    CPU kernel reads by position; `rows` looks them up for torch, once a step."""
+
+    positions: torch.Tensor
+    dtype: torch.dtype
+    cos: torch.Tensor         # [positions, head_dim], float32
+    signed_sin: torch.Tensor
+
+    @cached_property
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) of each token, [tokens, 1, head_dim], in the compute dtype."""
+        return (self.cos[self.positions].to(self.dtype).unsqueeze(1),
+                self.signed_sin[self.positions].to(self.dtype).unsqueeze(1))

@@ -118,7 +118,7 @@ class ModelRunner:
         self.kv_heads = attn.num_kv_heads  # per rank, in the cache
         self.score_heads = attn.score_heads  # per rank, as attention reads them: the masks'
         slots = self.num_blocks * config.block_size
-        # paged_attention reads each buffer as [2, kv_heads, blocks, block_size * head_dim]
+        # each layer's buffer: keys then values, [2, kv_heads, slots, head_dim]
         shape = (2, self.kv_heads, slots, attn.head_dim)
         self.caches = [zeros_in_huge_pages(shape, self.dtype, self.device)
                        for _ in range(self.model.config.num_layers)]

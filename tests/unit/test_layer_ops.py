@@ -1,0 +1,85 @@
+"""The fused CPU layer operations against the torch expressions the model keeps for every
+other case: RMSNorm with and without the residual add, SiLU(gate) * up over its whole range,
+and the rotary embedding with its cache write, in both dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tp_engine.kernels import layer_ops
+from tp_engine.model.rmsnorm import RMSNorm
+from tp_engine.model.rotary import RotaryEmbedding
+
+pytestmark = pytest.mark.skipif(not layer_ops.serves(torch.zeros(1, 1, dtype=torch.bfloat16)),
+                                reason="no C compiler here: the torch expressions serve")
+
+
+def torch_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers computes it in bfloat16 (the model's torch path)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("tokens,hidden", [(1, 576), (37, 576), (5, 100)])
+def test_rms_norm_with_and_without_residual(tokens, hidden):
+    gen = torch.Generator().manual_seed(tokens)
+    x = (torch.randn(tokens, hidden, generator=gen) * 3).bfloat16()
+    residual = torch.randn(tokens, hidden, generator=gen).bfloat16()
+    weight = torch.randn(hidden, generator=gen).bfloat16()
+    torch.testing.assert_close(layer_ops.rms_norm(x, weight, 1e-5),
+                               torch_norm(x, weight, 1e-5), atol=0, rtol=0)
+    summed = residual + x
+    got = layer_ops.rms_norm(x, weight, 1e-5, residual)
+    assert torch.equal(residual, summed), "the residual stream holds residual + x afterwards"
+    torch.testing.assert_close(got, torch_norm(summed, weight, 1e-5), atol=0, rtol=0)
+
+
+def test_the_norm_module_takes_the_kernel_only_where_it_serves():
+    norm = RMSNorm(8, 1e-6)
+    norm.weight.data = torch.linspace(0.5, 2, 8).bfloat16()
+    x = torch.randn(3, 16).bfloat16()[:, ::2]  # not contiguous: the torch path
+    torch.testing.assert_close(norm(x), torch_norm(x, norm.weight, 1e-6), atol=0, rtol=0)
+
+
+def test_silu_mul_over_its_whole_range():
+    gate = torch.linspace(-100, 100, 4001).bfloat16()
+    up = torch.randn(4001, generator=torch.Generator().manual_seed(0)).bfloat16()
+    gate_up = torch.cat([gate, up]).view(1, -1)
+    want = F.silu(gate) * up
+    torch.testing.assert_close(layer_ops.silu_mul(gate_up)[0], want, atol=0, rtol=0)
+
+
+def test_silu_mul_reads_strided_rows():
+    gate_up = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    rows = gate_up[:, 0]  # every third row of a wider buffer
+    gate, up = rows.chunk(2, dim=-1)
+    torch.testing.assert_close(layer_ops.silu_mul(rows), F.silu(gate) * up, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (2, 1, 128)])
+def test_rotary_kv_rotates_and_writes_the_cache(dtype, heads, kv_heads, dim):
+    gen = torch.Generator().manual_seed(heads * dim)
+    tokens, slots = 11, 64
+    rotary = RotaryEmbedding(dim, 512, 10000.0, None)
+    positions = torch.randint(0, 512, (tokens,), generator=gen)
+    where = torch.randperm(slots, generator=gen)[:tokens]
+    width = (heads + 2 * kv_heads) * dim
+    qkv = torch.randn(tokens, width + 8, generator=gen).to(dtype)[:, :width]  # strided rows
+    rope = rotary.table(positions, dtype)
+
+    qk = qkv[:, :(heads + kv_heads) * dim].unflatten(-1, (-1, dim))
+    want_qk = RotaryEmbedding.rotate(qk, rope)
+    want_v = qkv[:, (heads + kv_heads) * dim:].unflatten(-1, (kv_heads, dim)).clone()
+    cache = torch.full((2, kv_heads, slots, dim), 7.0, dtype=dtype)
+    want_cache = cache.clone()
+    want_cache[0, :, where] = want_qk[:, heads:].transpose(0, 1)
+    want_cache[1, :, where] = want_v.transpose(0, 1)
+
+    layer_ops.rotary_kv(qkv, heads, kv_heads, dim, positions, rope.cos, rope.signed_sin,
+                        cache, where)
+    torch.testing.assert_close(qk[:, :heads], want_qk[:, :heads], atol=0, rtol=0)
+    torch.testing.assert_close(cache, want_cache, atol=0, rtol=0)
