@@ -1,6 +1,6 @@
 """The fused CPU layer operations against the torch expressions the model keeps for every
-other case: RMSNorm with and without the residual add, SiLU(gate) * up over its whole range,
-and the rotary embedding with its cache write, in both dtypes."""
+other case, in both dtypes: RMSNorm with and without the residual add, SiLU(gate) * up over
+its whole range, and the rotary embedding with its cache write."""
 
 from __future__ import annotations
 
@@ -17,24 +17,31 @@ pytestmark = pytest.mark.skipif(not layer_ops.serves(torch.zeros(1, 1, dtype=tor
 
 
 def torch_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers computes it in bfloat16 (the model's torch path)."""
+    """RMSNorm as transformers computes it (the model's torch path)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, weight.shape, weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
 
 
+# float32: the sum of squares is added in another order than torch's, so the last bit may differ
+EXACT = {torch.bfloat16: {"atol": 0, "rtol": 0}, torch.float32: {"atol": 1e-6, "rtol": 1e-6}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,hidden", [(1, 576), (37, 576), (5, 100)])
-def test_rms_norm_with_and_without_residual(tokens, hidden):
+def test_rms_norm_with_and_without_residual(dtype, tokens, hidden):
     gen = torch.Generator().manual_seed(tokens)
-    x = (torch.randn(tokens, hidden, generator=gen) * 3).bfloat16()
-    residual = torch.randn(tokens, hidden, generator=gen).bfloat16()
-    weight = torch.randn(hidden, generator=gen).bfloat16()
+    x = (torch.randn(tokens, hidden, generator=gen) * 3).to(dtype)
+    residual = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    weight = torch.randn(hidden, generator=gen).to(dtype)
     torch.testing.assert_close(layer_ops.rms_norm(x, weight, 1e-5),
-                               torch_norm(x, weight, 1e-5), atol=0, rtol=0)
+                               torch_norm(x, weight, 1e-5), **EXACT[dtype])
     summed = residual + x
     got = layer_ops.rms_norm(x, weight, 1e-5, residual)
     assert torch.equal(residual, summed), "the residual stream holds residual + x afterwards"
-    torch.testing.assert_close(got, torch_norm(summed, weight, 1e-5), atol=0, rtol=0)
+    torch.testing.assert_close(got, torch_norm(summed, weight, 1e-5), **EXACT[dtype])
 
 
 def test_the_norm_module_takes_the_kernel_only_where_it_serves():
@@ -44,19 +51,21 @@ def test_the_norm_module_takes_the_kernel_only_where_it_serves():
     torch.testing.assert_close(norm(x), torch_norm(x, norm.weight, 1e-6), atol=0, rtol=0)
 
 
-def test_silu_mul_over_its_whole_range():
-    gate = torch.linspace(-100, 100, 4001).bfloat16()
-    up = torch.randn(4001, generator=torch.Generator().manual_seed(0)).bfloat16()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_over_its_whole_range(dtype):
+    gate = torch.linspace(-100, 100, 4001).to(dtype)
+    up = torch.randn(4001, generator=torch.Generator().manual_seed(0)).to(dtype)
     gate_up = torch.cat([gate, up]).view(1, -1)
     want = F.silu(gate) * up
-    torch.testing.assert_close(layer_ops.silu_mul(gate_up)[0], want, atol=0, rtol=0)
+    torch.testing.assert_close(layer_ops.silu_mul(gate_up)[0], want, **EXACT[dtype])
 
 
-def test_silu_mul_reads_strided_rows():
-    gate_up = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_reads_strided_rows(dtype):
+    gate_up = torch.randn(4, 3, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
     rows = gate_up[:, 0]  # every third row of a wider buffer
     gate, up = rows.chunk(2, dim=-1)
-    torch.testing.assert_close(layer_ops.silu_mul(rows), F.silu(gate) * up, atol=0, rtol=0)
+    torch.testing.assert_close(layer_ops.silu_mul(rows), F.silu(gate) * up, **EXACT[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

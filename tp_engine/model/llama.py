@@ -44,7 +44,7 @@ class Attention(nn.Module):
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         cache = cache.view(2, kv_heads, -1, dim)  # whatever shape the caller holds it in
         qkv = self.qkv_proj(x)
-        if layer_ops.serves(qkv, (torch.float32, torch.bfloat16)) and cache.dtype == qkv.dtype:
+        if layer_ops.serves(qkv) and cache.dtype == qkv.dtype:
             # rotated in place, keys and values written to the cache, in one pass
             layer_ops.rotary_kv(qkv, heads, kv_heads, dim, rope.positions, rope.cos,
                                 rope.signed_sin, cache, meta.slot_mapping)

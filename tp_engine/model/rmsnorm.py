@@ -1,7 +1,7 @@
 """RMSNorm, replicated on every rank, written to match transformers' arithmetic (the order of
 casts included) so float32 logits agree to 1e-4. Given the residual stream, it adds the layer's
-output to it first and returns both, so that on the CPU in bfloat16 the add and the norm are
-one pass (tp_engine/kernels/layer_ops)."""
+output to it first and returns both, so that on the CPU the add and the norm are one pass
+(tp_engine/kernels/layer_ops)."""
 
 from __future__ import annotations
 
