@@ -33,7 +33,7 @@ def prompt_logits(tp: TensorParallel, path) -> torch.Tensor | None:
     """Every position's logits of PROMPT, one prefill through the paged cache (rank 0)."""
     model = load_model(path, tp, torch.float32)
     heads = model.model.layers[0].self_attn.num_kv_heads
-    caches = [torch.zeros(2 * heads * 4 * BLOCK * model.config.head_dim)
+    caches = [torch.zeros(2, heads, 4 * BLOCK, model.config.head_dim)
               for _ in range(model.config.num_layers)]
     meta = AttentionMetadata.build([0], [len(PROMPT)], [[2, 0, 3, 1]], BLOCK)
     with torch.no_grad():

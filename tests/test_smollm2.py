@@ -78,7 +78,7 @@ def last_logits(tp: TensorParallel, path: Path, prompts: list[list[int]]) -> lis
     out = []
     for prompt in prompts:
         blocks = -(-len(prompt) // 16)
-        caches = [torch.zeros(2 * heads * blocks * 16 * model.config.head_dim)
+        caches = [torch.zeros(2, heads, blocks * 16, model.config.head_dim)
                   for _ in range(model.config.num_layers)]
         meta = AttentionMetadata.build([0], [len(prompt)], [list(range(blocks))], 16)
         with torch.no_grad():

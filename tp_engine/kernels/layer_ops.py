@@ -15,7 +15,6 @@ from tp_engine.kernels.build import load
 
 _I, _P, _F = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-BOTH = tuple(_SUFFIX)
 
 
 def _library() -> ctypes.CDLL | None:
@@ -32,9 +31,9 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-def serves(x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = BOTH) -> bool:
-    """Whether the kernels take `x` (a CPU tensor of one of `dtypes`, rows of unit stride)."""
-    return (x.device.type == "cpu" and x.dtype in dtypes and x.dim() == 2 and x.stride(1) == 1
+def serves(x: torch.Tensor) -> bool:
+    """Whether the kernels take `x` (a float32 or bfloat16 CPU matrix, rows of unit stride)."""
+    return (x.device.type == "cpu" and x.dtype in _SUFFIX and x.dim() == 2 and x.stride(1) == 1
             and _library() is not None)
 
 

@@ -79,8 +79,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
     None where they are there already; cache: one layer's, [2, kv_heads, slots, dim].
     Returns [tokens, heads * dim]. `kv_expand`: the KV head each even group of query heads
     reads, where the heads do not fall evenly under the KV heads (uneven tensor parallelism);
-    None: in order. `runs`: the same as runs of heads,
-    for the CPU decode kernel (None: never use it)."""
+    None: in order. `runs`: the same as runs of heads, for the CPU decode kernel (None: never
+    use it)."""
     dim = q.shape[2]
     kv_heads = cache.shape[1]
     if k is not None:

@@ -42,7 +42,6 @@ class Attention(nn.Module):
     def forward(self, rope: Rope, x: torch.Tensor, cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        cache = cache.view(2, kv_heads, -1, dim)  # whatever shape the caller holds it in
         qkv = self.qkv_proj(x)
         if layer_ops.serves(qkv) and cache.dtype == qkv.dtype:
             # rotated in place, keys and values written to the cache, in one pass
