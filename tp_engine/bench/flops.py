@@ -33,15 +33,20 @@ def workload_flops(config: ModelConfig, requests: list[Request]) -> float:
 def cpu_peak(dtype: str) -> tuple[float, str]:
     """The cores' nominal peak FLOP/s for `dtype` (0 where unknown) and how it was reckoned:
     cores x clock x FLOPs a cycle, the last from the widest unit the CPU reports (AMX tiles:
-    1,024 bfloat16 FLOPs a cycle; AVX-512 and AVX2 with two FMA ports: 64 and 32 float32)."""
+    1,024 bfloat16 FLOPs a cycle; AVX-512 and AVX2 with two FMA ports: 64 and 32 float32).
+    AMD's Zen 4 (family 25) runs each 512-bit instruction as two 256-bit halves on its two FMA
+    ports, so its AVX-512 peak is half that: 32 float32 and 64 bfloat16 FLOPs a cycle."""
     flags, mhz = cpuinfo.flags(), cpuinfo.mhz()
     cores = len(os.sched_getaffinity(0))
+    info = cpuinfo.cpuinfo()
+    halves = 2 if info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25" else 1
+    width = " in 256-bit halves" if halves > 1 else " FMA x2"
     if dtype == "bfloat16" and "amx_bf16" in flags:
         per_cycle, unit = 1024, "AMX bf16"
     elif dtype == "bfloat16" and "avx512_bf16" in flags:
-        per_cycle, unit = 128, "AVX512-BF16"
+        per_cycle, unit = 128 // halves, "AVX512-BF16" + width
     elif "avx512f" in flags:
-        per_cycle, unit = 64, "AVX-512 FMA x2"
+        per_cycle, unit = 64 // halves, "AVX-512" + width
     elif "fma" in flags:
         per_cycle, unit = 32, "AVX2 FMA x2"
     else:

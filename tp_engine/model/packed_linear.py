@@ -6,8 +6,8 @@ weight reordered once (`torch.ops.mkldnn._reorder_linear_weight`, what torch.com
 CPU) measured 2.5x faster on the tiny model's decode steps and 1.3x on prefills, at 2 threads.
 
 The ops are private to torch, so every layer is probed once against `F.linear` and keeps the
-plain path if the op is missing or disagrees. The plain weight stays (prefills use it, and the
-checkpoint's parameters keep their meaning): on CPU the linear weights are held twice."""
+plain path if the op is missing or disagrees. The plain weight stays (bfloat16 prefills use it, and
+the checkpoint's parameters keep their meaning): on CPU the linear weights are held twice."""
 
 from __future__ import annotations
 
@@ -22,23 +22,36 @@ log = logging.getLogger(__name__)
 _PACKABLE = (torch.float32, torch.bfloat16)
 # oneDNN builds, JIT-compiles and caches one primitive per input shape, a few hundred kB each:
 # a new row count every step would grow a worker by hundreds of MB. So inputs are padded to
-# one of a few row counts, and only decode-sized ones take this path; larger inputs (prefills)
-# amortise F.linear's packing over their many rows anyway.
+# one of a few row counts: decode-sized ones to ROW_BUCKETS, float32 prefills to a multiple of
+# PREFILL_ROWS (16 shapes up to 4,096 rows). In float32 the packed path measured 1.2-1.4x
+# F.linear's sgemm at 256-4,096 rows too (SmolLM2's shapes, 2 cores); in bfloat16 F.linear
+# was as fast from 512 rows on, so bfloat16 prefills keep it.
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128)
 MAX_PACKED_ROWS = ROW_BUCKETS[-1]
 _BUCKET_OF = [next(b for b in ROW_BUCKETS if b >= m) for m in range(MAX_PACKED_ROWS + 1)]
+PREFILL_ROWS, MAX_PREFILL_ROWS = 256, 4096
+
+
+def _padded_rows(x: torch.Tensor) -> int:
+    """The row count x is padded to on the packed path; 0: F.linear instead."""
+    rows = x.shape[0]
+    if rows <= MAX_PACKED_ROWS:
+        return _BUCKET_OF[rows]
+    if x.dtype == torch.float32 and rows <= MAX_PREFILL_ROWS:
+        return -(-rows // PREFILL_ROWS) * PREFILL_ROWS
+    return 0
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    rows = x.shape[0]
-    if packed is None or rows > MAX_PACKED_ROWS or x.dim() != 2:
+    padded = _padded_rows(x) if packed is not None and x.dim() == 2 else 0
+    if not padded:
         return F.linear(x, weight, bias)
-    pad = _BUCKET_OF[rows] - rows
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))
+    rows = x.shape[0]
+    if padded > rows:
+        x = F.pad(x, (0, 0, 0, padded - rows))
     out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return out[:rows] if pad else out
+    return out[:rows] if padded > rows else out
 
 
 def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
