@@ -11,9 +11,11 @@ block_size`.
 One step may mix prefills and decodes: every sequence brings `query_len` new tokens after
 `start` tokens already in the cache. The two kinds are computed apart (see attention_groups):
 - decodes (one new token): one row of scores per head, so two batched matmuls over the
-  gathered blocks and an additive mask, with no padded queries; on a CPU the kernel of
-  tp_engine/kernels/paged_decode reads the blocks where they lie instead (no gather), except
-  for groups that share leading blocks, which read those once;
+  gathered blocks and an additive mask, with no padded queries, and groups that share leading
+  blocks read those once; on a CPU the kernel of tp_engine/kernels/paged_decode reads the
+  blocks where they lie instead (no gather), shared ones too: 96 sequences of SmolLM2 after a
+  512-token shared prefix decoded in 140 ms a step against 207 through the shared gather
+  (float32; bfloat16 76 against 85);
 - prefills (several new tokens): one scaled-dot-product attention over the sequences, padded to
   the longest query, with a mask that encodes causality, padding and the sliding window.
 """
@@ -97,13 +99,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
     def compute(q: torch.Tensor, group: DecodeGroup | PrefillGroup) -> torch.Tensor:
         if isinstance(group, PrefillGroup):
             return _prefill(q, group, scale, *expand(group.gather(*gather)))
-        if group.shared:
-            shared, own = group.gather_parts(*gather)
-            return _decode_shared(q, group, scale, expand(shared), expand(own))
-        if kernel:
+        if kernel:  # even over shared blocks: they stay in the CPU's cache between readers
             return paged_decode.decode_attention(q, cache, kv_heads, meta.block_size,
                                                  group.tables, group.positions, group.window,
                                                  scale, runs)
+        if group.shared:
+            shared, own = group.gather_parts(*gather)
+            return _decode_shared(q, group, scale, expand(shared), expand(own))
         return _decode(q, group, scale, *expand(group.gather(*gather)))
 
     groups = [*meta.decode, *meta.prefill]
