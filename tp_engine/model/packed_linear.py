@@ -48,8 +48,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
     if not padded:
         return F.linear(x, weight, bias)
     rows = x.shape[0]
-    if padded > rows:
-        x = F.pad(x, (0, 0, 0, padded - rows))
+    if padded > rows:  # only the padding is zeroed (F.pad fills the whole copy first)
+        grown = x.new_empty(padded, x.shape[1])
+        grown[:rows] = x
+        grown[rows:].zero_()
+        x = grown
     out = torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return out[:rows] if padded > rows else out
 
