@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tp_engine.kernels import paged_decode
+from tp_engine.kernels import paged_decode, paged_prefill
 from tp_engine.model.attention_groups import (
     DecodeGroup,
     PrefillGroup,
@@ -90,6 +90,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
         cache[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     gather = (cache, kv_heads, meta.block_size, dim)
     kernel = runs is not None and bool(meta.decode) and paged_decode.available(cache)
+    prefill_kernel = (runs is not None and bool(meta.prefill)
+                      and paged_prefill.available(cache, dim))
 
     def expand(kv: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if kv_expand is None:
@@ -98,6 +100,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | N
 
     def compute(q: torch.Tensor, group: DecodeGroup | PrefillGroup) -> torch.Tensor:
         if isinstance(group, PrefillGroup):
+            if prefill_kernel:
+                return paged_prefill.prefill_attention(q, cache, kv_heads, meta.block_size,
+                                                       group.tables, group.starts,
+                                                       group.query_lens, group.window, scale,
+                                                       runs)
             return _prefill(q, group, scale, *expand(group.gather(*gather)))
         if kernel:  # even over shared blocks: they stay in the CPU's cache between readers
             return paged_decode.decode_attention(q, cache, kv_heads, meta.block_size,

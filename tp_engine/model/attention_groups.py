@@ -109,6 +109,9 @@ class PrefillGroup(Blocks):
     query_index: torch.Tensor | None = None  # [tokens]: each token's row in the padded [n * max_q]
     mask: torch.Tensor | None = None         # [n, 1, max_q, width * block_size], True: allowed
     max_query_len: int = 0
+    starts: torch.Tensor | None = None       # [n]: the tokens before each one's new ones
+    query_lens: torch.Tensor | None = None   # [n]: its new tokens
+    window: int | None = None
 
 
 def decode_groups(seqs: list[int], rows: list[int] | None, starts: list[int],
@@ -215,7 +218,8 @@ def _prefill_group(rows: list[int] | None, starts: list[int], query_lens: list[i
     q_rows = torch.arange(max_q)
     valid_q = q_rows[None, :] < qlen_t[:, None]                          # [n, max_q]
     query_index = (torch.arange(n)[:, None] * max_q + q_rows[None, :])[valid_q]
-    q_pos = torch.tensor(starts)[:, None] + q_rows[None, :]              # [n, max_q]
+    start_t = torch.tensor(starts)
+    q_pos = start_t[:, None] + q_rows[None, :]                            # [n, max_q]
     k_pos = torch.arange(width * bs)
     mask = k_pos[None, None, :] <= q_pos[:, :, None]
     if window is not None:
@@ -225,4 +229,5 @@ def _prefill_group(rows: list[int] | None, starts: list[int], query_lens: list[i
     return PrefillGroup(tables_tensor(block_tables, width).to(device),
                         rows=None if rows is None else torch.tensor(rows, device=device),
                         query_index=query_index.to(device), mask=mask.unsqueeze(1).to(device),
-                        max_query_len=max_q)
+                        max_query_len=max_q, starts=start_t.to(device),
+                        query_lens=qlen_t.to(device), window=window)

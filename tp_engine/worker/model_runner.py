@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from tp_engine.config import MAX_DECODE_STEPS, EngineConfig
-from tp_engine.kernels import paged_decode
+from tp_engine.kernels import paged_decode, paged_prefill
 from tp_engine.model.attention import AttentionMetadata
 from tp_engine.model.decode_run import DecodeRun
 from tp_engine.model.loader import DTYPES, load_model
@@ -122,7 +122,9 @@ class ModelRunner:
         shape = (2, self.kv_heads, slots, attn.head_dim)
         self.caches = [zeros_in_huge_pages(shape, self.dtype, self.device)
                        for _ in range(self.model.config.num_layers)]
-        paged_decode.available(self.caches[0])  # built (or found) now, not in the first step
+        # the kernels are built (or found) now, not in the first step
+        paged_decode.available(self.caches[0])
+        paged_prefill.available(self.caches[0], attn.head_dim)
         self.sampling = None  # rank 0's: sequence states, sampler, logprobs
         if tp.rank == 0:
             self.sampling = RankZeroSampling(config.seed, self.device, self.vocab_size,

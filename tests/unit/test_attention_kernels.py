@@ -1,13 +1,15 @@
-"""The CPU decode kernel against the torch path (gather and batched matmuls): the same
-attention through paged_attention, for both dtypes, the fast head sizes and the generic one,
-grouped, uneven and sliding-window heads, strided queries and mixed steps."""
+"""The CPU attention kernels against the torch path (gather, then batched matmuls or SDPA):
+the same attention through paged_attention, for both dtypes. Decode: the fast head sizes and
+the generic one, grouped, uneven and sliding-window heads, strided queries and mixed steps.
+Prefill: the same heads, prompts from position 0 and after cached tokens, tiles of 16 queries
+cut anywhere, a sliding window shorter than the prompt, other block sizes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tp_engine.kernels import build, paged_decode
+from tp_engine.kernels import build, paged_decode, paged_prefill
 from tp_engine.kernels.paged_decode import HeadRuns
 from tp_engine.model.attention import AttentionMetadata, paged_attention
 
@@ -62,6 +64,41 @@ def test_decode_kernel_equals_torch_path(dtype, heads, kv_heads, dim, expand, wi
                                                  [1] * (5 + 20 * seed), expand, window)
         tolerance = 2e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(kernel.float(), torch_path.float(), atol=tolerance,
+                                   rtol=tolerance)
+
+
+PREFILL_CASES = [c for c in CASES if c[2] in (64, 128)]  # the prefill kernel's head sizes
+
+
+@pytest.mark.skipif(not paged_prefill.available(torch.zeros(1), 64),
+                    reason="no AVX-512 here: torch's SDPA serves prefills")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim,expand", PREFILL_CASES)
+@pytest.mark.parametrize("window,bs", [(None, 16), (40, 16), (None, 8), (None, 32)])
+def test_prefill_kernel_equals_torch_path(dtype, heads, kv_heads, dim, expand, window, bs):
+    for seed in range(2):
+        # lengths around the 16-query tile; the starts (0-300) put cached tokens before most
+        query_lens = [1 + (7 * i + 5 * seed) % 40 for i in range(6)] + [16, 17, 33]
+        torch_path, kernel = attention_both_ways(seed, dtype, heads, kv_heads, dim, query_lens,
+                                                 expand, window, bs)
+        tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(kernel.float(), torch_path.float(), atol=tolerance,
+                                   rtol=tolerance)
+
+
+def test_prefill_from_position_zero():
+    """Prompts with nothing cached before them, as most prefills are."""
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (torch.randn(40, h, 64, generator=gen).to(dtype) for h in (9, 3, 3))
+        cache = torch.zeros(2, 3, 4 * 16, 64, dtype=dtype)
+        tables = [[2, 0, 3], [1]]
+        outs = []
+        for runs in (None, HeadRuns.of(9, 3)):
+            meta = AttentionMetadata.build([0, 0], [33, 7], tables, 16)
+            outs.append(paged_attention(q, k, v, cache.clone(), meta, 0.125, None, runs))
+        tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(outs[1].float(), outs[0].float(), atol=tolerance,
                                    rtol=tolerance)
 
 
