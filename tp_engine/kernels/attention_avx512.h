@@ -34,8 +34,18 @@ static inline void row_bf16(const bf16 *p, __m512 *out, int nv) {
         out[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, high));
     }
 }
-static inline int64_t dim_f32(int64_t j, int64_t l) { return 16 * j + l; }
 static inline int64_t dim_bf16(int64_t j, int64_t l) { return 32 * (j >> 1) + 2 * l + (j & 1); }
+
+/* A row of sums (NV vectors in the row layout above) stored as one output row of T. */
+static inline void store_row_f32(float *o, const __m512 *acc, int nv) {
+    for (int j = 0; j < nv; j++) _mm512_storeu_ps(o + 16 * j, acc[j]);
+}
+static inline void store_row_bf16(bf16 *o, const __m512 *acc, int nv) {
+    float done[16 * nv];
+    for (int j = 0; j < nv; j++) _mm512_storeu_ps(done + 16 * j, acc[j]);
+    for (int j = 0; j < nv; j++)
+        for (int l = 0; l < 16; l++) store_bf16(o, dim_bf16(j, l), done[16 * j + l]);
+}
 
 /* q . k for one row, q given as NV vectors in the row layout above. */
 static inline __m512 dot_f32(const __m512 *q, const float *k, int nv) {

@@ -115,13 +115,7 @@ static inline void softmax(float *row, int64_t lo, int64_t pos) {
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
-        for (int64_t g = 0; g < nh; g++) {                                                     \
-            float done[16 * (NV)];                                                             \
-            for (int64_t j = 0; j < (NV); j++) _mm512_storeu_ps(done + 16 * j, acc[g][j]);     \
-            for (int64_t j = 0; j < (NV); j++)                                                 \
-                for (int64_t l = 0; l < 16; l++)                                               \
-                    store_##S(oh + (hc + g) * dim, dim_##S(j, l), done[16 * j + l]);           \
-        }                                                                                      \
+        for (int64_t g = 0; g < nh; g++) store_row_##S(oh + (hc + g) * dim, acc[g], NV);       \
     }
 #else
 #define SOFTMAX softmax

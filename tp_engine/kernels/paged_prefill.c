@@ -89,12 +89,7 @@ int64_t prefill_supported(int64_t dim) { return HAVE_AVX512 && (dim == 64 || dim
         }                                                                                       \
         for (int64_t h = 0; h < nr; h++) {                                                      \
             const int64_t a = (r0 + h) / count, g = (r0 + h) % count;                           \
-            T *o = out + (q_first + a) * heads * dim + (h0 + g) * dim;                          \
-            float done[16 * (NV)];                                                              \
-            for (int64_t j = 0; j < (NV); j++) _mm512_storeu_ps(done + 16 * j, acc[h][j]);      \
-            for (int64_t j = 0; j < (NV); j++)                                                  \
-                for (int64_t l = 0; l < 16; l++)                                                \
-                    store_##S(o, dim_##S(j, l), done[16 * j + l]);                              \
+            store_row_##S(out + (q_first + a) * heads * dim + (h0 + g) * dim, acc[h], NV);      \
         }                                                                                       \
     }                                                                                           \
     free(sc);
