@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tp_engine.model import packed_linear
 from tp_engine.model.packed_linear import (
@@ -35,13 +36,29 @@ def test_packed_equals_f_linear(dtype, tolerance, rows):
 
 
 def test_few_padded_shapes():
-    def shapes(dtype):
-        rows = range(1, 3 * MAX_PREFILL_ROWS)
-        return {_padded_rows(torch.empty(m, 1, dtype=dtype)) for m in rows}
-
+    shapes = {_padded_rows(m) for m in range(1, MAX_PREFILL_ROWS + 1)}
     step = packed_linear.PREFILL_ROWS
     prefill = set(range(step * -(-(MAX_PACKED_ROWS + 1) // step), MAX_PREFILL_ROWS + 1, step))
-    assert shapes(torch.float32) == set(ROW_BUCKETS) | prefill | {0}
-    assert all(_padded_rows(torch.empty(m, 1)) >= m for m in range(1, MAX_PREFILL_ROWS + 1))
-    # bfloat16 prefills keep F.linear (0), decode-sized inputs take the buckets
-    assert shapes(torch.bfloat16) == set(ROW_BUCKETS) | {0}
+    assert shapes == set(ROW_BUCKETS) | prefill
+    assert all(_padded_rows(m) >= m for m in range(1, MAX_PREFILL_ROWS + 1))
+
+
+def test_pack_model_holds_each_weight_once():
+    """Packed layers drop their plain weight; the embedding's, shared with a tied head, stays."""
+    class Head(nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.weight, self.packed = weight, None
+
+    embed = nn.Embedding(64, 40)
+    model = nn.ModuleDict({"embed": embed, "head": Head(embed.weight), "proj": Head(
+        nn.Parameter(torch.randn(48, 40, generator=torch.Generator().manual_seed(0))))})
+    plain = model["proj"].weight.detach().clone()
+    if packed_linear.pack_model(model) != 2:
+        pytest.skip("oneDNN's packed linear is not available in this torch build")
+    assert model["proj"].weight.is_meta and model["proj"].weight.shape == (48, 40)
+    assert model["head"].weight is embed.weight and not embed.weight.is_meta
+    x = torch.randn(5, 40, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got = linear(x, model["proj"].weight, model["proj"].packed)
+    torch.testing.assert_close(got, F.linear(x, plain), atol=1e-5, rtol=1e-5)

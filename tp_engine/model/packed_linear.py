@@ -6,8 +6,10 @@ weight reordered once (`torch.ops.mkldnn._reorder_linear_weight`, what torch.com
 CPU) measured 2.5x faster on the tiny model's decode steps and 1.3x on prefills, at 2 threads.
 
 The ops are private to torch, so every layer is probed once against `F.linear` and keeps the
-plain path if the op is missing or disagrees. The plain weight stays (bfloat16 prefills use it, and
-the checkpoint's parameters keep their meaning): on CPU the linear weights are held twice."""
+plain path if the op is missing or disagrees. A packed layer serves every row count from its
+packed copy, and `pack_model` then drops the plain weight (a shape-only placeholder stays, so
+the parameter keeps its name, shape and dtype): on CPU each linear weight is held once. The
+embedding's weight, which a tied LM head shares, stays."""
 
 from __future__ import annotations
 
@@ -22,32 +24,34 @@ log = logging.getLogger(__name__)
 _PACKABLE = (torch.float32, torch.bfloat16)
 # oneDNN builds, JIT-compiles and caches one primitive per input shape, a few hundred kB each:
 # a new row count every step would grow a worker by hundreds of MB. So inputs are padded to
-# one of a few row counts: decode-sized ones to ROW_BUCKETS, float32 prefills to a multiple of
-# PREFILL_ROWS (16 shapes up to 4,096 rows). In float32 the packed path measured 1.2-1.4x
-# F.linear's sgemm at 256-4,096 rows too (SmolLM2's shapes, 2 cores); in bfloat16 F.linear
-# was as fast from 512 rows on, so bfloat16 prefills keep it.
+# one of a few row counts: decode-sized ones to ROW_BUCKETS, prefills to a multiple of
+# PREFILL_ROWS (16 shapes up to 4,096 rows), and longer inputs go through in 4,096-row pieces.
+# The packed path measured 1.1-1.5x F.linear's sgemm at 256-4,096 rows in float32 and 1.0-1.6x
+# in bfloat16 (SmolLM2's shapes, 2 Zen 4 cores, 2026-12-06).
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128)
 MAX_PACKED_ROWS = ROW_BUCKETS[-1]
 _BUCKET_OF = [next(b for b in ROW_BUCKETS if b >= m) for m in range(MAX_PACKED_ROWS + 1)]
 PREFILL_ROWS, MAX_PREFILL_ROWS = 256, 4096
 
 
-def _padded_rows(x: torch.Tensor) -> int:
-    """The row count x is padded to on the packed path; 0: F.linear instead."""
-    rows = x.shape[0]
+def _padded_rows(rows: int) -> int:
+    """The row count an input of `rows` rows (at most MAX_PREFILL_ROWS) is padded to."""
     if rows <= MAX_PACKED_ROWS:
         return _BUCKET_OF[rows]
-    if x.dtype == torch.float32 and rows <= MAX_PREFILL_ROWS:
-        return -(-rows // PREFILL_ROWS) * PREFILL_ROWS
-    return 0
+    return -(-rows // PREFILL_ROWS) * PREFILL_ROWS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
            bias: torch.Tensor | None = None) -> torch.Tensor:
-    padded = _padded_rows(x) if packed is not None and x.dim() == 2 else 0
-    if not padded:
+    if packed is None:
         return F.linear(x, weight, bias)
+    if x.dim() != 2:
+        return linear(x.reshape(-1, x.shape[-1]), weight, packed, bias).view(*x.shape[:-1], -1)
+    if x.shape[0] > MAX_PREFILL_ROWS:
+        return torch.cat([linear(part, weight, packed, bias)
+                          for part in x.split(MAX_PREFILL_ROWS)])
     rows = x.shape[0]
+    padded = _padded_rows(rows)
     if padded > rows:  # only the padding is zeroed (F.pad fills the whole copy first)
         grown = x.new_empty(padded, x.shape[1])
         grown[:rows] = x
@@ -82,11 +86,19 @@ def pack(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor
 
 
 def pack_model(model: nn.Module) -> int:
-    """Pack every layer that has a `packed` slot; return how many were packed."""
+    """Pack every layer that has a `packed` slot and drop the plain weights that only packed
+    layers use; return how many were packed."""
+    kept = {id(m.weight) for m in model.modules()
+            if not hasattr(m, "packed") and isinstance(getattr(m, "weight", None), torch.Tensor)}
     count = 0
     for module in model.modules():
         if hasattr(module, "packed") and getattr(module, "weight", None) is not None:
             bias = getattr(module, "bias", None) if getattr(module, "packs_bias", False) else None
             module.packed = pack(module.weight, bias)
-            count += module.packed is not None
+            if module.packed is None:
+                continue
+            count += 1
+            if id(module.weight) not in kept:
+                module.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"),
+                                             requires_grad=False)
     return count

@@ -32,6 +32,15 @@ PROMPT_LOGITS_ROWS = 256  # prompt logprobs: rows of logits made at once (a voca
 KV_FREE_SHARE, KV_FLOOR_GB, KV_CAP_GB = 0.25, 0.25, 4.0
 
 
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl): nothing to tune
+        return None
+
+
 def keep_freed_memory() -> None:
     """Make glibc keep freed memory for reuse instead of handing it back to the kernel.
 
@@ -40,15 +49,18 @@ def keep_freed_memory() -> None:
     free). That cost more than the attention itself: a decode step of 96 sequences took 40 ms
     instead of 16. With a fixed high mmap threshold and no trimming the same memory is reused
     step after step. Process-wide, hence called in the worker only."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl): nothing to tune
+    if (libc := _glibc()) is None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's largest allowed value
     libc.mallopt(m_trim_threshold, 1 << 30)
+
+
+def return_freed_memory() -> None:
+    """Hand the memory freed while loading (the plain weights a packed layer dropped) back to
+    the kernel once: with trimming off it would stay in the worker's RSS."""
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
 
 
 def zeros_in_huge_pages(shape: tuple[int, ...], dtype: torch.dtype,
@@ -110,6 +122,7 @@ class ModelRunner:
         self.dtype = DTYPES[dtype]
         self.model = load_model(config.model, tp, self.dtype, self.device, config.max_model_len,
                                 config.model_config)
+        return_freed_memory()
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.vocab_size = self.model.config.vocab_size
         self.window = self.model.config.sliding_window
