@@ -1,8 +1,8 @@
 """The CPU attention kernels against the torch path (gather, then batched matmuls or SDPA):
 the same attention through paged_attention, for both dtypes. Decode: the fast head sizes and
 the generic one, grouped, uneven and sliding-window heads, strided queries and mixed steps.
-Prefill (bfloat16): the same heads, prompts from position 0 and after cached tokens, tiles
-of 16 queries cut anywhere, a sliding window shorter than the prompt, other block sizes."""
+Prefill: the same heads, prompts from position 0 and after cached tokens, tiles of 16 queries
+cut anywhere, a sliding window shorter than the prompt, other block sizes."""
 
 from __future__ import annotations
 
@@ -69,12 +69,12 @@ def test_decode_kernel_equals_torch_path(dtype, heads, kv_heads, dim, expand, wi
 
 PREFILL_CASES = [c for c in CASES if c[2] in (64, 128)]  # the prefill kernel's head sizes
 needs_prefill_kernel = pytest.mark.skipif(
-    not paged_prefill.available(torch.zeros(1, dtype=torch.bfloat16), 64),
+    not paged_prefill.available(torch.zeros(1), 64),
     reason="no AVX-512 here: torch's SDPA serves prefills")
 
 
 @needs_prefill_kernel
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,dim,expand", PREFILL_CASES)
 @pytest.mark.parametrize("window,bs", [(None, 16), (40, 16), (None, 8), (None, 32)])
 def test_prefill_kernel_equals_torch_path(dtype, heads, kv_heads, dim, expand, window, bs):
@@ -92,7 +92,7 @@ def test_prefill_kernel_equals_torch_path(dtype, heads, kv_heads, dim, expand, w
 def test_prefill_from_position_zero():
     """Prompts with nothing cached before them, as most prefills are."""
     gen = torch.Generator().manual_seed(3)
-    for dtype in (torch.bfloat16,):
+    for dtype in (torch.float32, torch.bfloat16):
         q, k, v = (torch.randn(40, h, 64, generator=gen).to(dtype) for h in (9, 3, 3))
         cache = torch.zeros(2, 3, 4 * 16, 64, dtype=dtype)
         tables = [[2, 0, 3], [1]]

@@ -9,8 +9,8 @@
  * decode kernel, then one softmax a row and the values. Keys a row does not see are neither
  * read for it nor weighed.
  *
- * Same cache layout and head runs as paged_decode.c; bfloat16, AVX-512 and head sizes 64 and
- * 128 only (prefill_supported and paged_prefill.py), torch's SDPA serves the rest. */
+ * Same cache layout and head runs as paged_decode.c; AVX-512 and head sizes 64 and 128 only
+ * (prefill_supported), torch's SDPA serves the rest. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -129,6 +129,7 @@ void prefill_attention_##S(const T *q, int64_t q_stride, const T *cache, int64_t
     free(first);                                                                                \
 }
 
+DEFINE_PREFILL(f32, float)
 DEFINE_PREFILL(bf16, bf16)
 
 #endif

@@ -16,7 +16,7 @@ One step may mix prefills and decodes: every sequence brings `query_len` new tok
   blocks where they lie instead (no gather), shared ones too: 96 sequences of SmolLM2 after a
   512-token shared prefix decoded in 140 ms a step against 207 through the shared gather
   (float32; bfloat16 76 against 85);
-- prefills (several new tokens): in bfloat16 on a CPU with AVX-512 the kernel of
+- prefills (several new tokens): on a CPU with AVX-512 the kernel of
   tp_engine/kernels/paged_prefill, causal, from the blocks where they lie (a 4,000-token prefill
   of SmolLM2 spent 87-96 ms a step in it against 384-426 ms in the SDPA below); elsewhere one
   scaled-dot-product attention over the sequences, padded to the longest query, with a mask
