@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 import threading
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import psutil
 import pytest
 
 from tp_engine.checkpoints.tiny import make_tiny_model, write_tokenizer
-from tp_engine.wire import remove_stale_ipc_dirs
+from tp_engine.wire import ipc_base, remove_stale_ipc_dirs
 
 TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=512,
             intermediate_size=128, max_position_embeddings=512)
@@ -67,12 +66,12 @@ def is_multiprocessing_helper(proc: psutil.Process) -> bool:
 @pytest.fixture(autouse=True, scope="session")
 def no_worker_left_behind():
     """After the suite: no worker process, and no IPC directory of ours in the temp dir."""
-    ours = set(Path(tempfile.gettempdir()).glob("tp-engine-*"))
+    ours = set(Path(ipc_base()).glob("tp-engine-*"))
     yield
     remove_stale_ipc_dirs()  # what the next engine start does: the SIGKILL tests leave some
     # what remains is this process's own, or another live process's (not ours to judge)
     mine = f"tp-engine-{os.getpid()}-"
-    left = {p for p in set(Path(tempfile.gettempdir()).glob("tp-engine-*")) - ours
+    left = {p for p in set(Path(ipc_base()).glob("tp-engine-*")) - ours
             if p.name.startswith(mine)}
     assert not left, f"IPC directories left behind: {sorted(map(str, left))}"
     # the forkserver and multiprocessing's resource tracker live as long as this process

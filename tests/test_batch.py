@@ -21,6 +21,13 @@ from tp_engine.batch import EXIT_PREEMPTED, read_done
 ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _job_temp_dir(tmp_path_factory):
+    """The jobs' temp directory: torchrun's log directories, and what multiprocessing leaves
+    of a job killed with SIGKILL, go to the session's temp tree instead of /tmp."""
+    ENV["TMPDIR"] = str(tmp_path_factory.mktemp("jobs-tmp"))
+
+
 def write_input(path: Path, n: int, max_tokens: int = 12) -> Path:
     with path.open("w") as f:
         for i in range(n):

@@ -30,6 +30,7 @@ from tp_engine.errors import (
     EngineTerminatedError,
     WorkerDiedError,
 )
+from tp_engine.wire import ipc_base
 
 TP = 2
 SHORT = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
@@ -46,7 +47,7 @@ def resources() -> dict:
 
 
 def ipc_dirs() -> list[str]:
-    return sorted(n for n in os.listdir(tempfile.gettempdir()) if n.startswith("tp-engine-"))
+    return sorted(n for n in os.listdir(ipc_base()) if n.startswith("tp-engine-"))
 
 
 def assert_back_to(baseline: dict, settle: float = 1.0) -> None:
@@ -60,7 +61,7 @@ def assert_back_to(baseline: dict, settle: float = 1.0) -> None:
     extra_children = now["children"] - baseline["children"]
     described = {pid: _describe(pid) for pid in extra_children}
     assert now == baseline, f"leaked: now {now}, baseline {baseline}, extra {described}"
-    assert ipc_dirs() == [], f"IPC directories left in {tempfile.gettempdir()}: {ipc_dirs()}"
+    assert ipc_dirs() == [], f"IPC directories left in {ipc_base()}: {ipc_dirs()}"
 
 
 def _describe(pid: int) -> str:
@@ -588,13 +589,31 @@ def test_ipc_directory_is_private_and_removed(warm, baseline):
     e = engine(warm)
     try:
         [name] = ipc_dirs()
-        path = os.path.join(tempfile.gettempdir(), name)
+        path = os.path.join(ipc_base(), name)
         assert os.stat(path).st_mode & 0o777 == 0o700
         assert os.listdir(path), "the IPC directory should hold the control socket"
         e.generate("hello", SHORT)
     finally:
         e.terminate()
     assert not os.path.exists(path)
+    assert_back_to(baseline)
+
+
+@pytest.mark.timeout(60)
+def test_a_temp_directory_too_long_for_a_socket_path(warm, baseline, tmp_path, monkeypatch):
+    """A socket's path holds at most 107 bytes: under a longer TMPDIR the IPC directory is
+    made in /tmp instead, and is removed from there."""
+    long_dir = tmp_path / ("d" * 100)
+    long_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+    assert ipc_base() == "/tmp"
+    e = engine(warm)
+    try:
+        [name] = ipc_dirs()
+        assert e.generate("hello", SHORT)[0].token_ids
+    finally:
+        e.terminate()
+    assert not os.path.exists(os.path.join("/tmp", name))
     assert_back_to(baseline)
 
 

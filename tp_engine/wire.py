@@ -22,6 +22,8 @@ from typing import Any, ClassVar, NamedTuple
 import msgpack
 import zmq
 
+from tp_engine.errors import ConfigError
+
 VERSION = 3
 MAX_FRAME_BYTES = 64 << 20
 
@@ -256,19 +258,37 @@ def _mac(key: bytes, payload: bytes) -> bytes:
 # --- sockets -------------------------------------------------------------------------------
 
 IPC_PREFIX = "tp-engine-"
+# a socket's path must fit sockaddr_un; the longest we make is <base>/<IPC dir>/<replica>/control
+_SOCKET_PATH_MAX = getattr(zmq, "IPC_PATH_MAX_LEN", 107)
+_IPC_TAIL = len(f"/{IPC_PREFIX}4194304-xxxxxxxx/9999/control")
+_SHORT_BASE = "/tmp"
+
+
+def ipc_base() -> str:
+    """Where IPC directories go: the temp directory, or /tmp where the temp directory's path
+    is too long for a socket's (a long TMPDIR, as some batch schedulers set)."""
+    base = tempfile.gettempdir()
+    if len(base) + _IPC_TAIL <= _SOCKET_PATH_MAX:
+        return base
+    if os.path.isdir(_SHORT_BASE) and os.access(_SHORT_BASE, os.W_OK | os.X_OK):
+        return _SHORT_BASE
+    raise ConfigError(f"the temp directory {base!r} is too long for a socket path (at most "
+                      f"{_SOCKET_PATH_MAX - _IPC_TAIL} characters here) and /tmp is not "
+                      "writable: set TMPDIR to a shorter directory")
 
 
 def private_ipc_dir() -> str:
     """A fresh directory only this user can enter (mkdtemp makes it 0700), named after this
     process so that one left by a controller killed with SIGKILL can be recognised."""
     remove_stale_ipc_dirs()
-    return tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-")
+    return tempfile.mkdtemp(prefix=f"{IPC_PREFIX}{os.getpid()}-", dir=ipc_base())
 
 
 def remove_stale_ipc_dirs() -> list[str]:
     """Remove our IPC directories whose controller is gone (SIGKILL leaves no chance to)."""
     removed = []
-    for path in Path(tempfile.gettempdir()).glob(f"{IPC_PREFIX}*-*"):
+    bases = {tempfile.gettempdir(), _SHORT_BASE}
+    for path in (p for base in bases for p in Path(base).glob(f"{IPC_PREFIX}*-*")):
         pid = path.name[len(IPC_PREFIX):].split("-", 1)[0]
         try:
             if not pid.isdigit() or path.stat().st_uid != os.getuid() or pid_alive(int(pid)):
