@@ -25,13 +25,15 @@ _PACKABLE = (torch.float32, torch.bfloat16)
 # oneDNN builds, JIT-compiles and caches one primitive per input shape, a few hundred kB each:
 # a new row count every step would grow a worker by hundreds of MB. So inputs are padded to
 # one of a few row counts: decode-sized ones to ROW_BUCKETS, prefills to a multiple of
-# PREFILL_ROWS (16 shapes up to 4,096 rows), and longer inputs go through in 4,096-row pieces.
-# The packed path measured 1.1-1.5x F.linear's sgemm at 256-4,096 rows in float32 and 1.0-1.6x
-# in bfloat16 (SmolLM2's shapes, 2 Zen 4 cores, 2026-12-06).
+# PREFILL_ROWS (8 shapes up to 2,048 rows), and longer inputs go through in 2,048-row pieces:
+# on SmolLM2's shapes a float32 layer took 134-140 ms in 2,048-row pieces against 150-155 ms
+# in 4,096-row ones (bfloat16 the same either way). The packed path measured 1.1-1.5x
+# F.linear's sgemm at 256-4,096 rows in float32 and 1.0-1.6x in bfloat16 (2 Zen 4 cores,
+# 2026-12-06).
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128)
 MAX_PACKED_ROWS = ROW_BUCKETS[-1]
 _BUCKET_OF = [next(b for b in ROW_BUCKETS if b >= m) for m in range(MAX_PACKED_ROWS + 1)]
-PREFILL_ROWS, MAX_PREFILL_ROWS = 256, 4096
+PREFILL_ROWS, MAX_PREFILL_ROWS = 256, 2048
 
 
 def _padded_rows(rows: int) -> int:
