@@ -51,10 +51,10 @@ def _child(kwargs: dict, mode: str, start: float, runs: str = "1") -> None:
         engine.generate([{"prompt_token_ids": [5, 6, 7]}] * 4, params)
 
 
-def _spawn(kwargs: dict, mode: str, *args: str,
-           stderr=None) -> tuple[subprocess.Popen, dict]:
+def _spawn(kwargs: dict, mode: str, *args: str, stderr=None,
+           env: dict | None = None) -> tuple[subprocess.Popen, dict]:
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(kwargs), mode, *args],
-                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     line = proc.stdout.readline()
     if not line:
         proc.wait()
@@ -96,9 +96,15 @@ def worker_kill(kwargs: dict, runs: int, mode: str = "worker-kill") -> list[floa
 
 def controller_kill(kwargs: dict, timeout: float = 10.0) -> float:
     """Seconds from SIGKILL of a busy controller until none of its workers runs any more."""
-    with _stderr_file() as stderr:  # a worker may see its peer leave first, and say so
-        proc, info = _spawn(kwargs, "kill", stderr=stderr)
-    pids = info["pids"]
+    # a controller killed so cannot remove its IPC directory nor multiprocessing's: it gets a
+    # temp directory of its own, removed here
+    with tempfile.TemporaryDirectory(prefix="tpe-bench-") as tmp:
+        with _stderr_file() as stderr:  # a worker may see its peer leave first, and say so
+            proc, info = _spawn(kwargs, "kill", stderr=stderr, env=dict(os.environ, TMPDIR=tmp))
+        return _until_gone(proc, info["pids"], timeout)
+
+
+def _until_gone(proc: subprocess.Popen, pids: list[int], timeout: float) -> float:
     time.sleep(0.3)  # let it get busy
     start = time.perf_counter()
     proc.send_signal(signal.SIGKILL)
