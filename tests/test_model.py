@@ -158,3 +158,25 @@ def test_each_rank_holds_its_share(checkpoints):
     for share in per_rank:
         # only the vocabulary's padding row makes a shard larger than an exact half
         assert abs(share - whole / 2) <= 64 * 4 * 2, (share, whole)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_a_prefill_longer_than_a_linear_piece_matches_transformers(checkpoints, name):
+    """2,400 rows in one step: on a CPU the packed linear goes through them in pieces (2,048,
+    256 and 96 rows) and the MLP piece by piece; every row's logits stay transformers'."""
+    model = load_model(checkpoints[name], TensorParallel(), torch.float32)
+    if model.model.layers[0].mlp.gate_up_proj.packed is None:
+        pytest.skip("oneDNN's packed linear is not available in this torch build")
+    gen = torch.Generator().manual_seed(5)
+    seqs, length, vocab = 12, 200, model.config.vocab_size
+    prompts = torch.randint(0, vocab, (seqs, length), generator=gen)
+    per_seq = -(-length // BLOCK)
+    kv_heads = model.model.layers[0].self_attn.num_kv_heads
+    caches = [torch.zeros(2, kv_heads, seqs * per_seq * BLOCK, model.config.head_dim)
+              for _ in range(model.config.num_layers)]
+    tables = [list(range(s * per_seq, (s + 1) * per_seq)) for s in range(seqs)]
+    meta = AttentionMetadata.build([0] * seqs, [length] * seqs, tables, BLOCK)
+    with torch.no_grad():
+        logits = model.compute_logits(model(prompts.flatten(), meta.positions, caches, meta))
+        want = reference(checkpoints[name])(prompts).logits
+    torch.testing.assert_close(logits, want.flatten(0, 1), atol=1e-4, rtol=0)

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.skipif(not paged_decode.available(torch.zeros(1)),
 
 def attention_both_ways(seed: int, dtype: torch.dtype, heads: int, kv_heads: int, dim: int,
                         query_lens: list[int], expand: list[int] | None = None,
-                        window: int | None = None, bs: int = 16):
+                        window: int | None = None, bs: int = 16, ragged: bool = False):
+    """(torch's path, the kernels' path) over the same inputs; `ragged`: the kernels' step
+    has its prefills in one group, as the worker builds it where the prefill kernel serves."""
     gen = torch.Generator().manual_seed(seed)
     n = len(query_lens)
     starts = torch.randint(0, 300, (n,), generator=gen).tolist()
@@ -35,12 +37,12 @@ def attention_both_ways(seed: int, dtype: torch.dtype, heads: int, kv_heads: int
     # q as the model passes it: a strided view of a wider projection
     qk = torch.randn(tokens, heads + kv_heads, dim, generator=gen).to(dtype)
     v = torch.randn(tokens, kv_heads, dim, generator=gen).to(dtype)
-    meta = AttentionMetadata.build(starts, query_lens, tables, bs, window)
     kv_expand = None if expand is None else torch.tensor(expand)
     runs = HeadRuns.of(heads, kv_heads, expand)
     outs = []
     for use in (None, runs):
-        meta = AttentionMetadata.build(starts, query_lens, tables, bs, window)
+        meta = AttentionMetadata.build(starts, query_lens, tables, bs, window,
+                                       ragged_prefill=ragged and use is not None)
         outs.append(paged_attention(qk[:, :heads], qk[:, heads:], v, cache.clone(), meta,
                                     dim ** -0.5, kv_expand, use))
     return outs
@@ -86,6 +88,19 @@ def test_prefill_kernel_equals_torch_path(dtype, heads, kv_heads, dim, expand, w
         tolerance = 2e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(kernel.float(), torch_path.float(), atol=tolerance,
                                    rtol=tolerance)
+
+
+@needs_prefill_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefills_of_unequal_lengths_in_one_group(dtype):
+    """Long and short prompts together: torch's path splits them into groups by length, the
+    kernel takes them as one."""
+    query_lens = [300, 8, 9, 290, 12, 1, 270, 5]
+    assert len(AttentionMetadata.build([0] * 8, query_lens, [[0] * 20] * 8, 16).prefill) > 1
+    torch_path, kernel = attention_both_ways(4, dtype, 9, 3, 64, query_lens, ragged=True)
+    tolerance = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(kernel.float(), torch_path.float(), atol=tolerance,
+                               rtol=tolerance)
 
 
 @needs_prefill_kernel

@@ -14,13 +14,15 @@ from tp_engine.model.packed_linear import (
     MAX_PREFILL_ROWS,
     ROW_BUCKETS,
     _padded_rows,
+    _pieces,
     linear,
     pack,
 )
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("rows", [1, 3, 96, 128, 129, 300, 1024, MAX_PREFILL_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 3, 96, 128, 129, 300, 700, 1024, MAX_PREFILL_ROWS + 1,
+                                  MAX_PREFILL_ROWS + 300])
 def test_packed_equals_f_linear(dtype, tolerance, rows):
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(48, 40, generator=gen).to(dtype)
@@ -35,12 +37,25 @@ def test_packed_equals_f_linear(dtype, tolerance, rows):
     assert ((want - got).abs().max() / want.abs().max()).item() <= tolerance
 
 
+def _computed(rows: int) -> list[int]:
+    """The row counts a linear of `rows` rows computes at."""
+    return [_padded_rows(p) for p in (_pieces(rows) if rows > MAX_PACKED_ROWS else [rows])]
+
+
 def test_few_padded_shapes():
-    shapes = {_padded_rows(m) for m in range(1, MAX_PREFILL_ROWS + 1)}
+    longest = 3 * MAX_PREFILL_ROWS
+    shapes = {c for m in range(1, longest) for c in _computed(m)}
     step = packed_linear.PREFILL_ROWS
     prefill = set(range(step * -(-(MAX_PACKED_ROWS + 1) // step), MAX_PREFILL_ROWS + 1, step))
     assert shapes == set(ROW_BUCKETS) | prefill
-    assert all(_padded_rows(m) >= m for m in range(1, MAX_PREFILL_ROWS + 1))
+
+
+def test_pieces_cover_the_rows_with_little_padding():
+    for rows in range(MAX_PACKED_ROWS + 1, 3 * MAX_PREFILL_ROWS):
+        pieces = _pieces(rows)
+        assert sum(pieces) == rows and max(pieces) <= MAX_PREFILL_ROWS
+        assert all(_padded_rows(p) >= p for p in pieces)
+        assert sum(_computed(rows)) - rows <= MAX_PACKED_ROWS, rows
 
 
 def test_pack_model_holds_each_weight_once():

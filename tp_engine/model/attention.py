@@ -50,7 +50,11 @@ class AttentionMetadata:
     @classmethod
     def build(cls, starts: list[int], query_lens: list[int], block_tables: list[list[int]],
               block_size: int, sliding_window: int | None = None,
-              device: torch.device | str = "cpu") -> AttentionMetadata:
+              device: torch.device | str = "cpu", ragged_prefill: bool = False
+              ) -> AttentionMetadata:
+        """`ragged_prefill`: a step's prefills form one group whatever their lengths, for the
+        prefill kernel, which reads each sequence at its own length (torch's padded SDPA path
+        is split by length instead, so that short prompts are not padded to long ones)."""
         bs, n = block_size, len(query_lens)
         if n == sum(query_lens):  # every query is one token: a decode step
             slots = [t[s // bs] * bs + s % bs for t, s in zip(block_tables, starts)]
@@ -71,7 +75,7 @@ class AttentionMetadata:
         decode = decode_groups(dec, dec_rows, starts, block_tables, bs, sliding_window,
                                device) if dec else []
         prefill = prefill_groups(pre, pre_rows, bool(dec), starts, query_lens, block_tables,
-                                 bs, sliding_window, device) if pre else []
+                                 bs, sliding_window, device, ragged_prefill) if pre else []
         return cls(torch.tensor(positions, device=device), torch.tensor(slots, device=device),
                    bs, decode, prefill)
 

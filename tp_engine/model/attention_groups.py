@@ -194,11 +194,13 @@ def long_tensor(values: list[int]) -> torch.Tensor:
 
 def prefill_groups(seqs: list[int], rows: list[range], mixed: bool, starts: list[int],
                    query_lens: list[int], tables: list[list[int]], bs: int,
-                   window: int | None, device) -> list[PrefillGroup]:
+                   window: int | None, device, ragged: bool = False) -> list[PrefillGroup]:
     """`seqs` index the step's lists and `rows[j]` are seqs[j]'s token rows; `mixed`: the
-    step has decodes too, so the rows are needed even for a single group."""
+    step has decodes too, so the rows are needed even for a single group; `ragged`: one
+    group, not split by length."""
     lens = [query_lens[i] for i in seqs]
-    parts = _split(list(range(len(seqs))), lens, 2, MIN_SAVING_ROWS)
+    members = list(range(len(seqs)))
+    parts = [members] if ragged else _split(members, lens, 2, MIN_SAVING_ROWS)
     groups = []
     for part in parts:
         keep_rows = mixed or len(parts) > 1

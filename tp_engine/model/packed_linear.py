@@ -23,21 +23,38 @@ log = logging.getLogger(__name__)
 
 _PACKABLE = (torch.float32, torch.bfloat16)
 # oneDNN builds, JIT-compiles and caches one primitive per input shape, a few hundred kB each:
-# a new row count every step would grow a worker by hundreds of MB. So inputs are padded to
-# one of a few row counts: decode-sized ones to ROW_BUCKETS, prefills to a multiple of
-# PREFILL_ROWS (8 shapes up to 2,048 rows), and longer inputs go through in 2,048-row pieces:
-# on SmolLM2's shapes a float32 layer took 134-140 ms in 2,048-row pieces against 150-155 ms
-# in 4,096-row ones (bfloat16 the same either way). The packed path measured 1.1-1.5x
-# F.linear's sgemm at 256-4,096 rows in float32 and 1.0-1.6x in bfloat16 (2 Zen 4 cores,
-# 2026-12-06).
+# a new row count every step would grow a worker by hundreds of MB. So a linear runs on a few
+# row counts only: an input of up to MAX_PACKED_ROWS rows is padded to one of ROW_BUCKETS, and
+# a longer one goes through in 2,048-row pieces and a rest padded to a multiple of PREFILL_ROWS
+# (8 shapes), or, where that would compute over MAX_PACKED_ROWS rows of zeros, a multiple of
+# PREFILL_ROWS and a small piece: a 300-row layer of SmolLM2 took 11 ms as 256 + 44 rows
+# against 17 ms padded to 512. (A small piece for every rest cost more than the padding where
+# it was short: its output is concatenated, and an MLP's is 5 times its input.) On SmolLM2's
+# shapes a float32 layer took 134-140 ms in 2,048-row pieces against 150-155 ms in 4,096-row
+# ones (bfloat16 the same either way). The packed path measured 1.1-1.5x F.linear's sgemm at
+# 256-4,096 rows in float32 and 1.0-1.6x in bfloat16 (2 Zen 4 cores, 2026-12-06).
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128)
 MAX_PACKED_ROWS = ROW_BUCKETS[-1]
 _BUCKET_OF = [next(b for b in ROW_BUCKETS if b >= m) for m in range(MAX_PACKED_ROWS + 1)]
 PREFILL_ROWS, MAX_PREFILL_ROWS = 256, 2048
 
 
+def _pieces(rows: int) -> list[int]:
+    """The row counts an input of more than MAX_PACKED_ROWS rows goes through in: 2,048-row
+    pieces, then the rest whole, or, where that would be padded by more than MAX_PACKED_ROWS
+    rows, a multiple of PREFILL_ROWS and a small last piece."""
+    whole, rest = divmod(rows, MAX_PREFILL_ROWS)
+    pieces = [MAX_PREFILL_ROWS] * whole
+    small = rest % PREFILL_ROWS
+    if rest > PREFILL_ROWS and 0 < small <= MAX_PACKED_ROWS:
+        pieces += [rest - small, small]
+    elif rest:
+        pieces.append(rest)
+    return pieces
+
+
 def _padded_rows(rows: int) -> int:
-    """The row count an input of `rows` rows (at most MAX_PREFILL_ROWS) is padded to."""
+    """The row count a piece of `rows` rows is computed at."""
     if rows <= MAX_PACKED_ROWS:
         return _BUCKET_OF[rows]
     return -(-rows // PREFILL_ROWS) * PREFILL_ROWS
@@ -49,10 +66,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
         return F.linear(x, weight, bias)
     if x.dim() != 2:
         return linear(x.reshape(-1, x.shape[-1]), weight, packed, bias).view(*x.shape[:-1], -1)
-    if x.shape[0] > MAX_PREFILL_ROWS:
-        return torch.cat([linear(part, weight, packed, bias)
-                          for part in x.split(MAX_PREFILL_ROWS)])
     rows = x.shape[0]
+    if rows > MAX_PACKED_ROWS and len(pieces := _pieces(rows)) > 1:
+        return torch.cat([linear(part, weight, packed, bias) for part in x.split(pieces)])
     padded = _padded_rows(rows)
     if padded > rows:  # only the padding is zeroed (F.pad fills the whole copy first)
         grown = x.new_empty(padded, x.shape[1])

@@ -137,7 +137,7 @@ class ModelRunner:
                        for _ in range(self.model.config.num_layers)]
         # the kernels are built (or found) now, not in the first step
         paged_decode.available(self.caches[0])
-        paged_prefill.available(self.caches[0], attn.head_dim)
+        self.prefill_kernel = paged_prefill.available(self.caches[0], attn.head_dim)
         self.sampling = None  # rank 0's: sequence states, sampler, logprobs
         if tp.rank == 0:
             self.sampling = RankZeroSampling(config.seed, self.device, self.vocab_size,
@@ -263,7 +263,8 @@ class ModelRunner:
                 report = None
             return self._decode_run(step, samples, ids, stop_asked, report)
         meta = AttentionMetadata.build(step.starts, step.query_lens, step.block_tables,
-                                       self.config.block_size, self.window, self.device)
+                                       self.config.block_size, self.window, self.device,
+                                       ragged_prefill=self.prefill_kernel)
         ids_t = torch.frombuffer(ids, dtype=torch.int32).to(self.device, torch.long)
         began = time.perf_counter()
         hidden = self.model(ids_t, meta.positions, self.caches, meta)
