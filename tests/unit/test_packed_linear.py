@@ -14,9 +14,9 @@ from tp_engine.model.packed_linear import (
     MAX_PREFILL_ROWS,
     ROW_BUCKETS,
     _padded_rows,
-    _pieces,
     linear,
     pack,
+    row_pieces,
 )
 
 
@@ -39,7 +39,7 @@ def test_packed_equals_f_linear(dtype, tolerance, rows):
 
 def _computed(rows: int) -> list[int]:
     """The row counts a linear of `rows` rows computes at."""
-    return [_padded_rows(p) for p in (_pieces(rows) if rows > MAX_PACKED_ROWS else [rows])]
+    return [_padded_rows(p) for p in row_pieces(rows)]
 
 
 def test_few_padded_shapes():
@@ -52,7 +52,7 @@ def test_few_padded_shapes():
 
 def test_pieces_cover_the_rows_with_little_padding():
     for rows in range(MAX_PACKED_ROWS + 1, 3 * MAX_PREFILL_ROWS):
-        pieces = _pieces(rows)
+        pieces = row_pieces(rows)
         assert sum(pieces) == rows and max(pieces) <= MAX_PREFILL_ROWS
         assert all(_padded_rows(p) >= p for p in pieces)
         assert sum(_computed(rows)) - rows <= MAX_PACKED_ROWS, rows

@@ -11,7 +11,7 @@ from tp_engine.kernels import layer_ops
 from tp_engine.kernels.paged_decode import HeadRuns
 from tp_engine.model.attention import AttentionMetadata, paged_attention
 from tp_engine.model.config import ModelConfig
-from tp_engine.model.packed_linear import MAX_PREFILL_ROWS
+from tp_engine.model.packed_linear import row_pieces
 from tp_engine.model.parallel import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -66,13 +66,13 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(size, config.hidden_size, False, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > MAX_PREFILL_ROWS and self.gate_up_proj.packed is not None:
-            # The packed linear goes in pieces of this many rows anyway; going through the
-            # whole MLP piece by piece, its [rows, 2 x intermediate] activation never exists
-            # whole. Whole, at 4,073 rows of SmolLM2 (50 MB, above glibc's largest mmap
-            # threshold) it was a fresh mapping faulted in page by page in every layer, and
-            # its concatenation took 12% of a prefill step.
-            return torch.cat([self(part) for part in x.split(MAX_PREFILL_ROWS)])
+        if self.gate_up_proj.packed is not None and len(pieces := row_pieces(x.shape[0])) > 1:
+            # The packed linear goes in these pieces anyway; going through the whole MLP piece
+            # by piece, its [rows, 2 x intermediate] activation never exists whole. Whole, at
+            # 4,073 rows of SmolLM2 (50 MB, above glibc's largest mmap threshold) it was a
+            # fresh mapping faulted in page by page in every layer, and its concatenation
+            # took 12% of a prefill step.
+            return torch.cat([self(part) for part in x.split(pieces)])
         gate_up = self.gate_up_proj(x)
         if layer_ops.serves(gate_up):
             return self.down_proj(layer_ops.silu_mul(gate_up))

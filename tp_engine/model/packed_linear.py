@@ -39,10 +39,12 @@ _BUCKET_OF = [next(b for b in ROW_BUCKETS if b >= m) for m in range(MAX_PACKED_R
 PREFILL_ROWS, MAX_PREFILL_ROWS = 256, 2048
 
 
-def _pieces(rows: int) -> list[int]:
-    """The row counts an input of more than MAX_PACKED_ROWS rows goes through in: 2,048-row
-    pieces, then the rest whole, or, where that would be padded by more than MAX_PACKED_ROWS
-    rows, a multiple of PREFILL_ROWS and a small last piece."""
+def row_pieces(rows: int) -> list[int]:
+    """The row counts an input of `rows` rows goes through in: up to MAX_PACKED_ROWS rows
+    whole; beyond, 2,048-row pieces, then the rest whole, or, where that would be padded by
+    more than MAX_PACKED_ROWS rows, a multiple of PREFILL_ROWS and a small last piece."""
+    if rows <= MAX_PACKED_ROWS:
+        return [rows]
     whole, rest = divmod(rows, MAX_PREFILL_ROWS)
     pieces = [MAX_PREFILL_ROWS] * whole
     small = rest % PREFILL_ROWS
@@ -67,7 +69,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None,
     if x.dim() != 2:
         return linear(x.reshape(-1, x.shape[-1]), weight, packed, bias).view(*x.shape[:-1], -1)
     rows = x.shape[0]
-    if rows > MAX_PACKED_ROWS and len(pieces := _pieces(rows)) > 1:
+    if len(pieces := row_pieces(rows)) > 1:
         return torch.cat([linear(part, weight, packed, bias) for part in x.split(pieces)])
     padded = _padded_rows(rows)
     if padded > rows:  # only the padding is zeroed (F.pad fills the whole copy first)
